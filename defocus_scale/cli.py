@@ -1,0 +1,34 @@
+"""The ``defocus-scale`` console command.
+
+Each subcommand lives beside the code it drives and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (called with the parsed namespace, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from defocus_scale import demo
+    from defocus_scale.data import make_shards
+
+    parser = argparse.ArgumentParser(
+        prog="defocus-scale", description="Pretraining system for De-focus Attention Networks."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.register(subparsers)
+    make_shards.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
