@@ -52,15 +52,15 @@ class _SelectiveScan(torch.autograd.Function):
         B_t, C_t = B.transpose(0, 1).contiguous(), C.transpose(0, 1).contiguous()
         states = u.new_empty(length, u.shape[0], u.shape[2], A.shape[1])
         y = u.new_empty(length, u.shape[0], u.shape[2])
-        state = None
+        delta_u = delta_t * u_t  # (L, b, E): cheap to precompute, unlike anything (L, b, E, N)
         for t in range(length):
-            inputs = (delta_t[t] * u_t[t])[..., None] * B_t[t][:, None, :]
-            if state is None:
-                state = inputs
+            inputs = torch.mul(delta_u[t][..., None], B_t[t][:, None, :])
+            if t == 0:
+                states[0] = inputs
             else:
-                state = torch.addcmul(inputs, torch.exp(delta_t[t][..., None] * A), state)
-            states[t] = state
-            torch.matmul(state, C_t[t][..., None], out=y[t][..., None])
+                decay = torch.mul(delta_t[t][..., None], A).exp_()
+                torch.addcmul(inputs, decay, states[t - 1], out=states[t])
+            torch.matmul(states[t], C_t[t][..., None], out=y[t][..., None])
         ctx.save_for_backward(u_t, delta_t, A, B_t, C_t, states)
         return y.transpose(0, 1)
 
