@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import write_result  # noqa: E402
 
 from defocus_scale.kernels import defocus_attention, retention_scan, selective_scan  # noqa: E402
-from defocus_scale.kernels.selective_scan.reference import selective_scan_torch  # noqa: E402
+from defocus_scale.kernels.selective.reference import selective_scan_torch  # noqa: E402
 
 
 def _time_call(

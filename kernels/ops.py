@@ -81,14 +81,14 @@ def selective_scan(
     chosen = _resolve_scan_backend(backend, u)
     kwargs = dict(freq=freq, rope_scale=rope_scale, D=D, z=z, group_size=group_size)
     if chosen == "triton":
-        from .selective_scan.triton import selective_scan_triton
+        from .selective.triton import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, **kwargs)
     if chosen == "naive":
-        from .selective_scan.naive import selective_scan_naive
+        from .selective.naive import selective_scan_naive
 
         return selective_scan_naive(u, delta, A, B, C, **kwargs)
-    from .selective_scan.reference import selective_scan_torch
+    from .selective.reference import selective_scan_torch
 
     dtype = _compute_dtype(u)
     up = [t.to(dtype) if t is not None else None for t in (u, delta, A, B, C, freq, D, z)]

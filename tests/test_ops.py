@@ -9,8 +9,8 @@ from defocus_scale.kernels import defocus_attention, retention_scan, selective_s
 from defocus_scale.kernels.attention.naive import defocus_attention_naive
 from defocus_scale.kernels.retention.naive import retention_scan_naive
 from defocus_scale.kernels.rotary import published_rotary, rotate_by_position
-from defocus_scale.kernels.selective_scan.naive import selective_scan_naive
-from defocus_scale.kernels.selective_scan.reference import selective_scan_torch
+from defocus_scale.kernels.selective.naive import selective_scan_naive
+from defocus_scale.kernels.selective.reference import selective_scan_torch
 
 F64 = torch.float64
 
@@ -219,3 +219,14 @@ def test_bad_arguments_are_named():
         retention_scan(r[0], r[1], r[2], r[3][:1], r[4])
     with pytest.raises(ValueError, match="decay_mode"):
         defocus_attention(r[0], r[1], r[2], lambda_hat=torch.zeros(2), decay_mode="sideways")
+
+
+def test_public_functions_survive_submodule_imports():
+    """Importing an operator's folder must not shadow the public function of the same package."""
+    import importlib
+
+    for module in ("naive", "reference"):
+        importlib.import_module(f"defocus_scale.kernels.selective.{module}")
+    import defocus_scale.kernels as kernels
+
+    assert callable(kernels.selective_scan) and callable(kernels.retention_scan)

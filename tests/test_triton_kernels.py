@@ -1,0 +1,345 @@
+"""Triton bandpass-scan kernels against their naive definitions: every output and every gradient.
+
+On a CUDA machine the kernels run compiled. Without one they run in the Triton interpreter on CPU
+tensors, which needs ``TRITON_INTERPRET=1`` before triton is first imported (torch imports it), so a
+normal test session runs this module again in a child pytest with the variable set
+(``test_kernels_in_the_interpreter``) and skips the kernel tests in the parent.
+
+Tolerances, as max |error| / max(1, max |reference|) over each tensor:
+* fp32 inputs: 2e-5 (only summation order differs from the fp32 reference);
+* bf16 inputs: 2e-2 for the selective scan (fp32 state, bf16 outputs and gradients), 5e-2 for
+  retention (its matrix products run in bf16), against the fp32 reference on the same bf16 values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from defocus_scale.kernels.ops import retention_scan, selective_scan
+from defocus_scale.kernels.retention.naive import retention_scan_naive
+from defocus_scale.kernels.retention.triton import retention_scan_triton
+from defocus_scale.kernels.selective import triton as selective_triton
+from defocus_scale.kernels.selective.naive import selective_scan_naive
+from defocus_scale.kernels.selective.triton import selective_scan_triton
+from defocus_scale.models import create_model
+
+# ``ops`` rather than ``defocus_scale.kernels``: once the ``selective_scan`` subpackage is imported,
+# the package attribute of that name is the subpackage, not the function.
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = not ON_GPU and os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+kernels_run_here = pytest.mark.skipif(
+    not (ON_GPU or INTERPRETED),
+    reason="runs in the interpreter child session (test_kernels_in_the_interpreter)",
+)
+REPO = Path(__file__).resolve().parents[1]
+FP32_TOL = 2e-5
+BF16_TOL = {"selective": 2e-2, "retention": 5e-2}
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error = (actual.float() - expected.float()).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol:g} x {scale:.3g}"
+
+
+def _compare(
+    fast, reference, inputs: dict[str, torch.Tensor | None], dtype: torch.dtype, tol: float, keep=()
+) -> None:
+    """``fast`` on ``inputs`` cast to ``dtype`` (except those named in ``keep``, left in fp32, as
+    parameters are under autocast) vs ``reference`` on the same values in fp32."""
+    names = [name for name, value in inputs.items() if value is not None]
+    low = {n: None if v is None else (v if n in keep else v.to(dtype)) for n, v in inputs.items()}
+    low = {n: None if v is None else v.detach().clone().requires_grad_() for n, v in low.items()}
+    high = {n: None if v is None else v.detach().float().requires_grad_() for n, v in low.items()}
+    out = fast(**low)
+    expected = reference(**high)
+    assert out.dtype == low[names[0]].dtype
+    _assert_close(out, expected, tol, "output")
+    weight = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    grads = torch.autograd.grad((out.float() * weight).sum(), [low[n] for n in names])
+    expected_grads = torch.autograd.grad((expected * weight).sum(), [high[n] for n in names])
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert grad.dtype == low[name].dtype, name
+        _assert_close(grad, expected_grad, tol, f"grad of {name}")
+
+
+def _scan_inputs(batch, length, channels, state, *, freq=True, D=True, z=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = dict(
+        u=torch.randn(batch, length, channels, generator=g),
+        delta=torch.rand(batch, length, channels, generator=g) * 0.5 + 0.01,
+        A=-torch.rand(channels, state, generator=g) * 3 - 0.1,
+        B=torch.randn(batch, length, state, generator=g),
+        C=torch.randn(batch, length, state, generator=g),
+        freq=torch.rand(state, generator=g) if freq else None,
+        D=torch.randn(channels, generator=g) if D else None,
+        z=torch.randn(batch, length, channels, generator=g) if z else None,
+    )
+    return {n: v.to(DEVICE) if v is not None else None for n, v in values.items()}
+
+
+def _retention_inputs(batch, length, heads, dk, dv, *, theta=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = dict(
+        q=torch.randn(batch, length, heads, dk, generator=g),
+        k=torch.randn(batch, length, heads, dk, generator=g) / dk**0.5,
+        v=torch.randn(batch, length, heads, dv, generator=g),
+        log_decay=-torch.rand(heads, generator=g) * 0.5 - 0.02,
+        theta=torch.rand(heads, dk // 2, generator=g) if theta else None,
+    )
+    return {n: v.to(DEVICE) if v is not None else None for n, v in values.items()}
+
+
+# --- selective scan ------------------------------------------------------------------------------------
+
+# (length, epilogue): lengths around the chunk of 4 used here (1, a boundary, odd ones over several chunks)
+SCAN_CASES = [
+    (1, "fused"),
+    (4, "fused"),
+    (5, "scan"),
+    (8, "rotary"),
+    (13, "fused"),
+    (9, "gate_only"),
+]
+EPILOGUES = {
+    "scan": dict(freq=False, D=False, z=False, group_size=0),
+    "rotary": dict(freq=True, D=False, z=False, group_size=0),
+    "gate_only": dict(freq=True, D=True, z=True, group_size=0),
+    "fused": dict(freq=True, D=True, z=True, group_size=4),
+}
+
+
+def _selective_case(length: int, epilogue: str, channels: int = 8, state: int = 4):
+    options = dict(EPILOGUES[epilogue])
+    group_size = options.pop("group_size")
+    inputs = _scan_inputs(2, length, channels, state, **options)
+
+    def fast(**t):
+        return selective_scan_triton(
+            **t, rope_scale=2.0, group_size=group_size, chunk_size=4, block_channels=4
+        )
+
+    def reference(**t):
+        return selective_scan_naive(**t, rope_scale=2.0, group_size=group_size)
+
+    return fast, reference, inputs
+
+
+@kernels_run_here
+@pytest.mark.parametrize("length,epilogue", SCAN_CASES)
+def test_selective_scan_fp32(length, epilogue):
+    fast, reference, inputs = _selective_case(length, epilogue)
+    _compare(fast, reference, inputs, torch.float32, FP32_TOL)
+
+
+@kernels_run_here
+@pytest.mark.parametrize(
+    "length,epilogue,keep", [(7, "fused", ()), (6, "rotary", ()), (5, "fused", ("A", "freq", "D"))]
+)
+def test_selective_scan_bf16(length, epilogue, keep):
+    """bf16 inputs; the last case keeps the parameters in fp32, as in a model under autocast."""
+    fast, reference, inputs = _selective_case(length, epilogue)
+    _compare(fast, reference, inputs, torch.bfloat16, BF16_TOL["selective"], keep)
+
+
+@kernels_run_here
+def test_selective_scan_uneven_tiles_and_odd_state():
+    """Channels not a multiple of the tile, a non-power-of-two group and state (masked lanes)."""
+    inputs = _scan_inputs(1, 6, 12, 6)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=6, chunk_size=4),
+        lambda **t: selective_scan_naive(**t, group_size=6),
+        inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+    no_group = _scan_inputs(1, 3, 10, 4, D=False, z=False)
+    _compare(
+        lambda **t: selective_scan_triton(**t, block_channels=4),
+        lambda **t: selective_scan_naive(**t),
+        no_group, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_selective_scan_wide_groups_use_the_pytorch_epilogue(monkeypatch):
+    monkeypatch.setattr(selective_triton, "MAX_FUSED_GROUP", 2)
+    inputs = _scan_inputs(1, 5, 8, 4)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=2, block_channels=4),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_selective_scan_public_dispatch_and_strided_inputs():
+    """``backend="triton"`` reaches the kernel; transposed (non-contiguous) inputs give the same answer."""
+    inputs = _scan_inputs(2, 5, 8, 4)
+    strided = {n: v.transpose(0, 1).contiguous().transpose(0, 1) if v is not None and v.dim() == 3 else v
+               for n, v in inputs.items()}  # fmt: skip
+    assert not strided["u"].is_contiguous()
+    out = selective_scan(**strided, group_size=4, backend="triton")
+    expected = selective_scan_naive(**inputs, group_size=4)
+    _assert_close(out, expected, FP32_TOL, "output")
+
+
+@kernels_run_here
+def test_selective_scan_without_grad_keeps_no_state():
+    inputs = _scan_inputs(1, 3, 4, 2)
+    with torch.no_grad():
+        out = selective_scan_triton(**inputs, group_size=2)
+    _assert_close(out, selective_scan_naive(**inputs, group_size=2), FP32_TOL, "output")
+
+
+@kernels_run_here
+def test_selective_scan_rejects_bad_inputs(monkeypatch):
+    inputs = _scan_inputs(1, 3, 4, 2)
+    with pytest.raises(ValueError, match="group_size"):
+        selective_scan_triton(**inputs, group_size=3)
+    with pytest.raises(ValueError, match="freq"):
+        selective_scan_triton(**{**inputs, "freq": inputs["freq"][:1]})
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_triton(**{**inputs, "B": inputs["B"][:, :2]})
+    with pytest.raises(ValueError, match="float64"):
+        selective_scan_triton(**{**inputs, "u": inputs["u"].double()})
+    if not ON_GPU:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            selective_scan_triton(**inputs)
+    else:
+        with pytest.raises(ValueError, match="one device"):
+            selective_scan_triton(**{**inputs, "D": inputs["D"].cpu()})
+
+
+# --- retention scan ------------------------------------------------------------------------------------
+
+# (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks
+RETENTION_CASES = [
+    (1, 8, 8, True),
+    (16, 32, 16, True),
+    (17, 8, 12, True),
+    (37, 8, 40, True),
+    (20, 16, 16, False),
+]
+
+
+@kernels_run_here
+@pytest.mark.parametrize("length,dk,dv,theta", RETENTION_CASES)
+def test_retention_scan_fp32(length, dk, dv, theta):
+    inputs = _retention_inputs(2, length, 2, dk, dv, theta=theta)
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16),
+        retention_scan_naive, inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+@pytest.mark.parametrize("length,dv", [(19, 16), (33, 32)])
+def test_retention_scan_bf16(length, dv):
+    inputs = _retention_inputs(1, length, 2, 16, dv)
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16),
+        retention_scan_naive, inputs, torch.bfloat16, BF16_TOL["retention"],
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_retention_scan_public_dispatch_and_strided_inputs():
+    inputs = _retention_inputs(1, 9, 2, 8, 8)
+    strided = {
+        n: v.transpose(1, 2).contiguous().transpose(1, 2) if v.dim() == 4 else v for n, v in inputs.items()
+    }
+    assert not strided["q"].is_contiguous()
+    out = retention_scan(**strided, backend="triton")
+    _assert_close(out, retention_scan_naive(**inputs), FP32_TOL, "output")
+
+
+@kernels_run_here
+def test_retention_scan_rejects_bad_inputs():
+    inputs = _retention_inputs(1, 4, 2, 8, 8)
+    with pytest.raises(ValueError, match="log_decay"):
+        retention_scan_triton(**{**inputs, "log_decay": inputs["log_decay"][:1]})
+    with pytest.raises(ValueError, match="theta"):
+        retention_scan_triton(**{**inputs, "theta": inputs["theta"][:, :1]})
+    with pytest.raises(ValueError, match="even dk"):
+        retention_scan_triton(
+            **{**inputs, "q": inputs["q"][..., :3], "k": inputs["k"][..., :3], "theta": None}
+        )
+    with pytest.raises(ValueError, match="share a dtype"):
+        retention_scan_triton(**{**inputs, "v": inputs["v"].bfloat16()})
+
+
+# --- models and benchmark ------------------------------------------------------------------------------
+
+TINY = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=1)
+
+
+@kernels_run_here
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("defocus_mamba_tiny", dict(inner_dim=64, dt_rank=4, group_size=16)),
+        ("defocus_retnet_tiny", dict(num_heads=2)),
+    ],
+)
+def test_tiny_model_runs_on_triton_backend(name, extra):
+    """Same weights, ``backend="triton"`` vs ``"torch"``: same logits and same parameter gradients."""
+    torch.manual_seed(0)
+    reference = create_model(name, **TINY, **extra, backend="torch").to(DEVICE)
+    model = create_model(name, **TINY, **extra, backend="triton").to(DEVICE)
+    model.load_state_dict(reference.state_dict())
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    outputs = [m(images) for m in (reference, model)]
+    logits = [o.logits if hasattr(o, "logits") else o for o in outputs]
+    _assert_close(logits[1], logits[0], 1e-4, "logits")
+    for out in logits:
+        out.square().sum().backward()
+    for (name_, p_ref), p in zip(reference.named_parameters(), model.parameters()):
+        if p_ref.grad is not None:
+            _assert_close(p.grad, p_ref.grad, 1e-3, f"grad of {name_}")
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETED, reason="this is the parent session's runner")
+def test_kernels_in_the_interpreter():
+    """Every kernel test above, in a child pytest with ``TRITON_INTERPRET=1`` set from the start."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+         "-k", "not in_the_interpreter and not benchmark"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="runs in the parent session")
+@pytest.mark.parametrize("interpret", [False, True], ids=["reference", "interpreted"])
+def test_benchmark_smoke(tmp_path, interpret):
+    """The benchmark runs end to end at tiny shapes: reference rows, and with ``--interpret`` the
+    Triton rows too (in the interpreter on CPU, compiled on a GPU)."""
+    if interpret and ON_GPU:
+        pytest.skip("on a GPU the plain run already has the Triton rows")
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_scan.py"), "--smoke", "--out", str(out)]
+    result = subprocess.run(
+        command + (["--interpret"] if interpret else []),
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    implementations = {row["implementation"] for row in payload["rows"]}
+    assert "torch" in implementations
+    assert ("triton" in implementations) == (interpret or ON_GPU)
+    assert all(row["fwd_bwd_ms"] > 0 for row in payload["rows"])
