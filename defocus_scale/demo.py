@@ -66,7 +66,7 @@ def load_demo_config(overrides: list[str] | None = None, path: Path | None = Non
 def normalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return (images.float() - mean) / std
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

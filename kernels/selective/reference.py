@@ -42,57 +42,39 @@ def _doubling_scan_reverse(decay: torch.Tensor, inputs: torch.Tensor) -> torch.T
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """Step loop over time with cache-sized ``(batch, channels, state)`` slices; no autograd graph."""
+    """Only the two recurrences loop over time (three in-place ops per token on one cache-sized
+    ``(batch, channels, state)`` slice); every product and reduction runs once over all tokens."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):  # type: ignore[override]
-        length = u.shape[1]
-        # time-major copies so every step reads contiguous memory
+        # time-major so that every step of the loop reads and writes contiguous memory
         u_t, delta_t = u.transpose(0, 1).contiguous(), delta.transpose(0, 1).contiguous()
         B_t, C_t = B.transpose(0, 1).contiguous(), C.transpose(0, 1).contiguous()
-        states = u.new_empty(length, u.shape[0], u.shape[2], A.shape[1])
-        y = u.new_empty(length, u.shape[0], u.shape[2])
-        delta_u = delta_t * u_t  # (L, b, E): cheap to precompute, unlike anything (L, b, E, N)
-        for t in range(length):
-            inputs = torch.mul(delta_u[t][..., None], B_t[t][:, None, :])
-            if t == 0:
-                states[0] = inputs
-            else:
-                decay = torch.mul(delta_t[t][..., None], A).exp_()
-                torch.addcmul(inputs, decay, states[t - 1], out=states[t])
-            torch.matmul(states[t], C_t[t][..., None], out=y[t][..., None])
+        states = (delta_t * u_t)[..., None] * B_t[:, :, None, :]  # the inputs x_t, scanned in place
+        for t in range(1, states.shape[0]):
+            decay = torch.mul(delta_t[t][..., None], A).exp_()
+            states[t].addcmul_(decay, states[t - 1])
         ctx.save_for_backward(u_t, delta_t, A, B_t, C_t, states)
-        return y.transpose(0, 1)
+        return torch.einsum("lben,lbn->lbe", states, C_t).transpose(0, 1)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         u_t, delta_t, A, B_t, C_t, states = ctx.saved_tensors
         dy_t = dy.transpose(0, 1)
-        grad_u, grad_delta = torch.empty_like(u_t), torch.empty_like(delta_t)
-        grad_B, grad_C = torch.empty_like(B_t), torch.empty_like(C_t)
-        grad_A = torch.zeros_like(A)
-        grad_state = None  # g_t = C'_t dy_t + a_{t+1} g_{t+1}
-        next_decay = None
-        for t in range(u_t.shape[0] - 1, -1, -1):
-            from_output = dy_t[t][..., None] * C_t[t][:, None, :]
-            if grad_state is None:
-                grad_state = from_output
-            else:
-                grad_state = torch.addcmul(from_output, next_decay, grad_state)
-            torch.matmul(states[t].transpose(1, 2), dy_t[t][..., None], out=grad_C[t][..., None])
-            grad_x = torch.matmul(grad_state, B_t[t][..., None]).squeeze(-1)  # d/d(delta_t u_t)
-            grad_u[t] = grad_x * delta_t[t]
-            grad_delta[t] = grad_x * u_t[t]
-            torch.matmul(
-                grad_state.transpose(1, 2), (delta_t[t] * u_t[t])[..., None], out=grad_B[t][..., None]
-            )
-            decay = torch.exp(delta_t[t][..., None] * A)
-            if t > 0:
-                # d loss / d(delta_t A) = g_t * s_{t-1} * decay_t
-                grad_log_decay = grad_state * states[t - 1] * decay
-                grad_delta[t] += (grad_log_decay * A).sum(-1)
-                grad_A += torch.einsum("ben,be->en", grad_log_decay, delta_t[t])
-            next_decay = decay
+        # adjoint recurrence g_t = C'_t dy_t + a_{t+1} g_{t+1}, run backwards in place
+        grad_states = dy_t[..., None] * C_t[:, :, None, :]
+        for t in range(states.shape[0] - 2, -1, -1):
+            decay = torch.mul(delta_t[t + 1][..., None], A).exp_()
+            grad_states[t].addcmul_(decay, grad_states[t + 1])
+        grad_C = torch.einsum("lben,lbe->lbn", states, dy_t)
+        grad_x = torch.einsum("lben,lbn->lbe", grad_states, B_t)  # d loss / d(delta_t u_t)
+        grad_u = grad_x * delta_t
+        grad_delta = grad_x * u_t
+        grad_B = torch.einsum("lben,lbe->lbn", grad_states, delta_t * u_t)
+        # d loss / d(delta_t A) = g_t * s_{t-1} * decay_t, for t >= 1
+        grad_log_decay = torch.mul(delta_t[1:, ..., None], A).exp_().mul_(grad_states[1:]).mul_(states[:-1])
+        grad_delta[1:] += torch.einsum("lben,en->lbe", grad_log_decay, A)
+        grad_A = torch.einsum("lben,lbe->en", grad_log_decay, delta_t[1:])
         return (
             grad_u.transpose(0, 1),
             grad_delta.transpose(0, 1),

@@ -1,0 +1,589 @@
+"""``defocus-scale make-shards SRC OUT``: write an image data set as WebDataset tar shards.
+
+Sources: an ImageFolder tree (``class/…/file``), Parquet files in the Hugging Face datasets layout
+(``image`` struct of ``bytes``/``path``, integer ``label``; a file, a directory or a glob), or
+``synthetic`` (the built-in generator). Output, in OUT: ``{prefix}-000000.tar`` … with members
+``{key}.{jpg|png|webp}`` (the original bytes unless a format or a resize is asked for) and ``{key}.cls``,
+plus ``manifest.parquet`` and ``classes.json``.
+
+The source is cut into chunks of at most ``samples_per_shard`` items; one worker process writes a whole
+chunk into one shard, or several when the byte bound cuts it. Each shard is written under a hidden
+temporary name and renamed into place (in source order, so shard numbers do not depend on the number of
+workers): a shard is complete or absent. Keys come from the source (file path, Parquet row, synthetic
+index), so they are stable across runs. Items that are not usable images or lack a usable label are
+skipped, counted and named, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from defocus_scale.data.manifest import (
+    CLASSES_NAME,
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    ShardRecord,
+    ShardSummary,
+    print_summary,
+    read_classes,
+    read_manifest,
+    write_classes,
+    write_manifest,
+    write_skipped,
+)
+from defocus_scale.data.synthetic import synthetic_image
+
+__all__ = ["ShardSummary", "make_shards", "read_classes", "read_manifest", "register"]
+
+SYNTHETIC = "synthetic"
+EXTENSION_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # accepted input formats
+FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in EXTENSION_OF_FORMAT.items()}
+_TAR_BLOCK, _TAR_RECORD = 512, 10240  # tarfile pads members to blocks and the archive to records
+
+
+@dataclass(frozen=True)
+class _FileItem:
+    path: str
+    name: str  # path relative to the source root, for messages
+    key: str
+    label: int
+
+
+@dataclass(frozen=True)
+class _RowRange:
+    """Rows ``start .. stop - 1`` of a Parquet file (or of the synthetic index space when path is None)."""
+
+    path: str | None
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class _Options:
+    image_format: str | None
+    resize: int | None
+    max_shard_bytes: int
+    num_classes: int | None  # known up front: labels outside it are skipped
+    synthetic_classes: int
+    synthetic_image_size: int
+    seed: int
+
+
+@dataclass
+class _Plan:
+    chunks: list[list[_FileItem | _RowRange]]
+    classes: list[str] | None  # None: named after the labels seen
+    items: int
+    skipped: list[tuple[str, str]]
+
+
+@dataclass
+class _ChunkResult:
+    index: int
+    items: int
+    parts: list[tuple[str, ShardRecord]]  # (temporary file name, record without its final name)
+    skipped: list[tuple[str, str]]
+
+
+class _Skip(Exception):
+    """A source item that cannot be written; the message is the reason."""
+
+
+def _safe_key(text: str) -> str:
+    # WebDataset splits a member name at the first dot of its base name, and USTAR names are short.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:80]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _plan_folder(root: Path, samples_per_shard: int) -> _Plan:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class folders (expected an ImageFolder tree: <class>/<image>)")
+    skipped = [(p.name, "not inside a class folder") for p in sorted(root.iterdir()) if p.is_file()]
+    items: list[_FileItem] = []
+    keys: set[str] = set()
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                relative = Path(dirpath, filename).relative_to(root).as_posix()
+                key = _safe_key(relative.rsplit(".", 1)[0])
+                if key in keys:  # two names that differ only in characters a key cannot hold
+                    key = f"{key[:70]}_{len(items)}"
+                keys.add(key)
+                items.append(_FileItem(str(Path(dirpath, filename)), relative, key, label))
+    chunks = [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    return _Plan(chunks, classes, len(items), skipped)  # type: ignore[arg-type]
+
+
+def _parquet_class_names(schema_metadata: dict[bytes, bytes] | None) -> list[str] | None:
+    """The ClassLabel names the Hugging Face datasets library stores in the schema metadata, if any."""
+    try:
+        info = json.loads((schema_metadata or {})[b"huggingface"])
+        names = info["info"]["features"]["label"]["names"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
+def _plan_parquet(files: list[Path], samples_per_shard: int) -> _Plan:
+    chunks: list[list[_FileItem | _RowRange]] = [[]]
+    filled, total, classes = 0, 0, None
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+            raise ValueError(f"cannot read {path} as Parquet: {exc}") from exc
+        missing = {"image", "label"} - set(parquet.schema_arrow.names)
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))} of the Hugging Face "
+                             "image layout (image: struct<bytes, path>, label: int)")  # fmt: skip
+        classes = classes or _parquet_class_names(parquet.schema_arrow.metadata)
+        rows, start = parquet.metadata.num_rows, 0
+        total += rows
+        while start < rows:
+            take = min(samples_per_shard - filled, rows - start)
+            chunks[-1].append(_RowRange(str(path), start, start + take))
+            start, filled = start + take, filled + take
+            if filled == samples_per_shard:
+                chunks.append([])
+                filled = 0
+    return _Plan([c for c in chunks if c], classes, total, [])
+
+
+def _plan_synthetic(samples: int, num_classes: int, samples_per_shard: int) -> _Plan:
+    chunks = [
+        [_RowRange(None, start, min(start + samples_per_shard, samples))]
+        for start in range(0, samples, samples_per_shard)
+    ]
+    return _Plan(chunks, [f"class_{c:03d}" for c in range(num_classes)], samples, [])  # type: ignore[misc]
+
+
+def _plan(
+    source: str | Path, samples_per_shard: int, synthetic_samples: int, synthetic_classes: int
+) -> _Plan:
+    if str(source) == SYNTHETIC:
+        return _plan_synthetic(synthetic_samples, synthetic_classes, samples_per_shard)
+    path = Path(source)
+    if path.is_file():
+        return _plan_parquet([path], samples_per_shard)
+    if path.is_dir():
+        parquet_files = sorted(path.rglob("*.parquet"))
+        if parquet_files:
+            return _plan_parquet(parquet_files, samples_per_shard)
+        return _plan_folder(path, samples_per_shard)
+    if glob.has_magic(str(source)):
+        matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        if matches:
+            return _plan_parquet(matches, samples_per_shard)
+        raise FileNotFoundError(f"no files match the source pattern {source}")
+    raise FileNotFoundError(
+        f"source not found: {source} (expected an ImageFolder directory, Parquet file(s) or '{SYNTHETIC}')"
+    )
+
+
+# ---------------------------------------------------------------- reading and encoding (worker side)
+
+
+def _read_chunk(chunk: list[_FileItem | _RowRange], options: _Options) -> Iterator[tuple[str, str, object]]:
+    """``(name, key, payload)`` per source item, where payload is ``(image bytes or PIL image, label)`` or a
+    ``_Skip``."""
+    for part in chunk:
+        if isinstance(part, _FileItem):
+            try:
+                yield part.name, part.key, (Path(part.path).read_bytes(), part.label)
+            except OSError as exc:
+                yield part.name, part.key, _Skip(f"unreadable file: {exc.strerror or exc}")
+        elif part.path is None:
+            for index in range(part.start, part.stop):
+                image, label = synthetic_image(
+                    index, image_size=options.synthetic_image_size, num_classes=options.synthetic_classes,
+                    seed=options.seed,
+                )  # fmt: skip
+                yield f"synthetic#{index}", f"synthetic_{index:08d}", (image, label)
+        else:
+            yield from _read_parquet_rows(part)
+
+
+def _read_parquet_rows(part: _RowRange) -> Iterator[tuple[str, str, object]]:
+    """Stream the rows of ``part`` batch by batch, reading only the row groups that hold them."""
+    assert part.path is not None
+    parquet = pq.ParquetFile(part.path)
+    groups, row, offset = [], None, 0
+    for group in range(parquet.metadata.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if offset < part.stop and offset + rows > part.start:
+            groups.append(group)
+            row = offset if row is None else row
+        offset += rows
+    file_key, file_name = _safe_key(Path(part.path).stem)[:60], Path(part.path).name
+    row = row or 0
+    for batch in parquet.iter_batches(batch_size=256, row_groups=groups, columns=["image", "label"]):
+        batch_start, row = row, row + batch.num_rows
+        if batch_start >= part.stop:
+            break
+        first, last = max(part.start, batch_start), min(part.stop, row)
+        if first >= last:
+            continue  # rows of a shared row group before this part: never converted to Python
+        wanted = batch.slice(first - batch_start, last - first)
+        images, labels = wanted.column("image").to_pylist(), wanted.column("label").to_pylist()
+        for position, (image, label) in enumerate(zip(images, labels), first):
+            name, key = f"{file_name}#row{position}", f"{file_key}_{position:08d}"
+            yield name, key, _parquet_payload(image, label, Path(part.path).parent)
+
+
+def _parquet_payload(image: object, label: object, base: Path) -> object:
+    if not isinstance(label, int) or isinstance(label, bool):
+        return _Skip(f"unreadable label {label!r}")
+    if not isinstance(image, dict):
+        return _Skip("no image struct")
+    if image.get("bytes"):
+        return image["bytes"], label
+    if image.get("path"):  # the datasets layout may refer to a file instead of embedding it
+        try:
+            return (base / image["path"]).read_bytes(), label
+        except OSError as exc:
+            return _Skip(f"image path {image['path']!r} unreadable: {exc.strerror or exc}")
+    return _Skip("image has neither bytes nor path")
+
+
+def _encode(payload: tuple[bytes | Image.Image, int], options: _Options) -> tuple[str, bytes]:
+    """``(extension, bytes)`` of the image to store, verifying that encoded input decodes completely."""
+    data, _ = payload
+    if isinstance(data, Image.Image):  # synthetic: always encoded here
+        return _reencode(data, options.image_format or "png", options.resize)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise _Skip("not an image") from None
+    except Exception as exc:  # PIL raises a variety of types on corrupt headers
+        raise _Skip(f"undecodable image: {exc}") from None
+    extension = EXTENSION_OF_FORMAT.get(image.format or "")
+    if extension is None:
+        raise _Skip(f"unsupported image format {image.format} (accepted: JPEG, PNG, WebP)")
+    if options.resize:
+        # JPEG decodes at a reduced scale when shrinking (much faster), still reading the whole stream
+        image.draft(image.mode, _resized_size(image.size, options.resize))
+    try:
+        image.load()  # decodes everything: a truncated or corrupt file fails here
+    except Exception as exc:
+        raise _Skip(f"undecodable {image.format} image: {exc}") from None
+    target = options.image_format or extension
+    if options.resize or target != extension:
+        return _reencode(image, target, options.resize)
+    return extension, data
+
+
+def _resized_size(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
+    scale = shorter_side / min(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _reencode(image: Image.Image, extension: str, resize: int | None) -> tuple[str, bytes]:
+    if resize and min(image.size) != resize:
+        image = image.resize(_resized_size(image.size, resize), Image.Resampling.BICUBIC)
+    allowed_modes = ("RGB", "L") if extension == "jpg" else ("RGB", "RGBA", "L")
+    if image.mode not in allowed_modes:
+        image = image.convert("RGBA" if "A" in image.mode and extension != "jpg" else "RGB")
+    buffer = io.BytesIO()
+    quality = {"jpg": {"quality": 95}, "webp": {"quality": 95}, "png": {}}[extension]
+    image.save(buffer, format=FORMAT_OF_EXTENSION[extension], **quality)
+    return extension, buffer.getvalue()
+
+
+def _tar_member_bytes(size: int) -> int:
+    return _TAR_BLOCK + math.ceil(size / _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tar_file_bytes(member_bytes: int) -> int:
+    """Size of a tar archive holding members that take ``member_bytes`` (end blocks and record padding)."""
+    return math.ceil((member_bytes + 2 * _TAR_BLOCK) / _TAR_RECORD) * _TAR_RECORD
+
+
+def _temporary_name(prefix: str, chunk: int, part: int) -> str:
+    return f".{prefix}-chunk{chunk:06d}-{part:03d}.tar.tmp"
+
+
+class _PartWriter:
+    """One shard being written under its temporary name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "wb")  # closed by finish() or discard()
+        self.tar = wds.TarWriter(self.file, mtime=0)  # an int: a float mtime adds a PAX header per member
+        self.samples, self.member_bytes, self.class_counts = 0, 0, [0]
+
+    def write(self, key: str, extension: str, data: bytes, label: int, member_bytes: int) -> None:
+        self.tar.write({"__key__": key, extension: data, "cls": str(label).encode("ascii")})
+        self.samples += 1
+        self.member_bytes += member_bytes
+        self.class_counts.extend([0] * (label + 1 - len(self.class_counts)))
+        self.class_counts[label] += 1
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):  # already failing: only make sure no partial file remains
+            self.tar.close()
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+    def finish(self) -> ShardRecord:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return ShardRecord("", self.samples, self.path.stat().st_size, tuple(self.class_counts))
+
+
+def _write_chunk(
+    index: int, chunk: list[_FileItem | _RowRange], out_dir: str, prefix: str, options: _Options
+) -> _ChunkResult:
+    """Write one chunk as one or more temporary shards (more when the byte bound is reached)."""
+    parts: list[tuple[str, ShardRecord]] = []
+    skipped: list[tuple[str, str]] = []
+    writer: _PartWriter | None = None
+    items = 0
+    try:
+        for name, key, payload in _read_chunk(chunk, options):
+            items += 1
+            try:
+                if isinstance(payload, _Skip):
+                    raise payload
+                label = payload[1]  # type: ignore[index]
+                if label < 0 or (options.num_classes is not None and label >= options.num_classes):
+                    raise _Skip(f"label {label} outside the {options.num_classes or 'non-negative'} classes")
+                extension, data = _encode(payload, options)  # type: ignore[arg-type]
+            except _Skip as reason:
+                skipped.append((name, str(reason)))
+                continue
+            member_bytes = _tar_member_bytes(len(data)) + _tar_member_bytes(len(str(label)))
+            if writer and _tar_file_bytes(writer.member_bytes + member_bytes) > options.max_shard_bytes:
+                parts.append((writer.path.name, writer.finish()))
+                writer = None
+            if writer is None:
+                writer = _PartWriter(Path(out_dir) / _temporary_name(prefix, index, len(parts)))
+            writer.write(key, extension, data, label, member_bytes)
+        if writer:
+            parts.append((writer.path.name, writer.finish()))
+            writer = None
+    finally:
+        if writer:  # an unexpected error: leave no partial file behind
+            writer.discard()
+    return _ChunkResult(index, items, parts, skipped)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _init_worker() -> None:
+    # Parallelism comes from the processes; intra-op threads would only oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+def _existing_outputs(out_dir: Path, prefix: str) -> list[Path]:
+    found = sorted(out_dir.glob(f"{glob.escape(prefix)}-[0-9]*.tar"))
+    described = [out_dir / n for n in (MANIFEST_NAME, CLASSES_NAME, SKIPPED_NAME)]
+    return found + [path for path in described if path.exists()]
+
+
+def _run_chunks(
+    plan: _Plan, out_dir: str, prefix: str, options: _Options, workers: int, stack: contextlib.ExitStack
+) -> Iterator[_ChunkResult]:
+    """Write every chunk, in this process or in ``workers`` processes; results in completion order."""
+    if workers == 1:
+        return (_write_chunk(i, chunk, out_dir, prefix, options) for i, chunk in enumerate(plan.chunks))
+    # fork starts workers in milliseconds (spawn re-imports torch in each: seconds). With fork the pool
+    # launches all its processes at the first submit, here, before the caller starts any thread.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker))
+    # On an error, chunks not yet started are dropped.
+    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+    futures = [
+        pool.submit(_write_chunk, index, chunk, out_dir, prefix, options)
+        for index, chunk in enumerate(plan.chunks)
+    ]
+
+    def completed() -> Iterator[_ChunkResult]:
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            # Finished work is placed before a failure is raised.
+            yield from (future.result() for future in sorted(done, key=lambda f: f.exception() is not None))
+
+    return completed()
+
+
+def make_shards(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 256 * 2**20,
+    workers: int = 1,
+    prefix: str = "train",
+    image_format: str | None = None,
+    resize: int | None = None,
+    synthetic_samples: int = 10000,
+    synthetic_classes: int = 10,
+    synthetic_image_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> ShardSummary:
+    """Write ``source`` as WebDataset shards plus ``manifest.parquet`` and ``classes.json`` in ``out_dir``.
+
+    ``image_format`` (jpg, png or webp) re-encodes images not already in it; ``resize`` scales the
+    shorter side to that many pixels (re-encoding). A sample larger than ``max_shard_bytes`` gets a shard
+    of its own. Existing shards of ``prefix`` or a manifest in ``out_dir`` are an error unless
+    ``overwrite``."""
+    if image_format is not None:
+        image_format = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
+        if image_format not in FORMAT_OF_EXTENSION:
+            raise ValueError(f"image_format must be one of jpg, png, webp; got {image_format!r}")
+    for name, value, least in [
+        ("samples_per_shard", samples_per_shard, 1), ("max_shard_bytes", max_shard_bytes, _TAR_RECORD),
+        ("workers", workers, 1), ("synthetic_samples", synthetic_samples, 0),
+        ("synthetic_classes", synthetic_classes, 1), ("synthetic_image_size", synthetic_image_size, 1),
+        ("resize", resize or 1, 1),
+    ]:  # fmt: skip
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}; got {value}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+        raise ValueError(f"prefix may hold only letters, digits, '_' and '-'; got {prefix!r}")
+
+    plan = _plan(source, samples_per_shard, synthetic_samples, synthetic_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = _existing_outputs(out_dir, prefix)
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds shards or a manifest ({existing[0].name}, …); "
+                              "pass overwrite=True (--overwrite) to replace them")  # fmt: skip
+    for path in existing + list(out_dir.glob(f".{glob.escape(prefix)}-chunk*.tar.tmp")):
+        path.unlink()
+
+    options = _Options(
+        image_format, resize, max_shard_bytes, len(plan.classes) if plan.classes else None,
+        synthetic_classes, synthetic_image_size, seed,
+    )  # fmt: skip
+    records: list[ShardRecord] = []
+    skipped = list(plan.skipped)
+    finished: dict[int, _ChunkResult] = {}
+
+    next_chunk = 0
+
+    def place_finished_chunks_in_order() -> None:
+        # Shard numbers follow the source order, whichever worker finishes first.
+        nonlocal next_chunk
+        while next_chunk in finished:
+            result = finished.pop(next_chunk)
+            for temporary, record in result.parts:
+                final = f"{prefix}-{len(records):06d}.tar"
+                os.replace(out_dir / temporary, out_dir / final)
+                records.append(ShardRecord(final, record.samples, record.bytes, record.class_counts))
+            skipped.extend(result.skipped)
+            next_chunk += 1
+
+    try:
+        with contextlib.ExitStack() as stack:
+            results = _run_chunks(plan, str(out_dir), prefix, options, workers, stack)
+            bar = stack.enter_context(
+                tqdm(total=plan.items, unit="img", desc=f"make-shards {prefix}", disable=not progress)
+            )
+            for result in results:
+                finished[result.index] = result
+                bar.update(result.items)
+                place_finished_chunks_in_order()
+    except BaseException:
+        # Shards already renamed are complete and stay; chunks finished out of order are not renamed.
+        for path in out_dir.glob(f".{glob.escape(prefix)}-chunk*.tar.tmp"):
+            path.unlink(missing_ok=True)
+        raise
+
+    labels_seen = max((len(r.class_counts) for r in records), default=0)
+    classes = plan.classes or [str(label) for label in range(labels_seen)]
+    write_classes(out_dir, classes)
+    manifest = write_manifest(out_dir, records, len(classes))
+    if skipped:
+        write_skipped(out_dir, skipped)
+    summary = ShardSummary(len(records), sum(r.samples for r in records), skipped, out_dir, manifest, classes)
+    if progress:
+        print_summary(summary)
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _byte_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 268435456, 256M, 1G)")
+    return int(match[1]) * 1024 ** " kmg".index(match[2].lower() or " ")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "make-shards", help="write an ImageFolder tree, Parquet files or synthetic data as WebDataset shards",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument(
+        "source", metavar="SRC", help=f"ImageFolder directory, Parquet file/dir/glob or {SYNTHETIC}"
+    )
+    parser.add_argument("out_dir", metavar="OUT", help="directory for the shards, manifest and class list")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--max-shard-bytes", type=_byte_size, default=256 * 2**20, help="e.g. 256M (default)")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, …")
+    parser.add_argument(
+        "--format", dest="image_format", choices=sorted(FORMAT_OF_EXTENSION),
+        help="re-encode images into this format (default: keep the original bytes)",
+    )  # fmt: skip
+    parser.add_argument("--resize", type=int, help="scale the shorter side to this many pixels")
+    parser.add_argument("--synthetic-samples", type=int, default=10000)
+    parser.add_argument("--synthetic-classes", type=int, default=10)
+    parser.add_argument("--synthetic-image-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic generator")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        summary = make_shards(
+            args.source, args.out_dir, samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes, workers=args.workers, prefix=args.prefix,
+            image_format=args.image_format, resize=args.resize, synthetic_samples=args.synthetic_samples,
+            synthetic_classes=args.synthetic_classes, synthetic_image_size=args.synthetic_image_size,
+            seed=args.seed, progress=args.progress, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"defocus-scale make-shards: error: {exc}", file=sys.stderr)
+        return 1
+    if not args.progress:
+        print_summary(summary)
+    if summary.samples == 0:
+        print("defocus-scale make-shards: error: no usable samples in the source", file=sys.stderr)
+        return 1
+    return 0
