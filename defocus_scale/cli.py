@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from defocus_scale import demo
+    from defocus_scale.analysis import cli as analysis_cli
     from defocus_scale.data import make_shards
 
     parser = argparse.ArgumentParser(
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(subparsers)
     make_shards.register(subparsers)
+    analysis_cli.register(subparsers)
     return parser
 
 
