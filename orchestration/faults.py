@@ -1,0 +1,121 @@
+"""Config-driven fault injection for tests and drills, and the non-finite-loss guard.
+
+The injector runs inside each worker, after every optimizer step. It kills its *own* process with
+SIGKILL -- no clean-up, no exception, exactly what a crashed or preempted worker looks like to the
+launcher -- and it can damage the newest complete checkpoint so that the trainer's fallback to the
+previous one is exercised. Each planned fault fires once per launch: a marker in the run directory
+keeps the replayed steps after the restart from firing it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import signal
+import time
+
+import pyarrow.fs as pafs
+
+from .config import FaultConfig
+from .recovery import FOLDER, FailureNote, write_failure_note
+from .storage import RunStorage
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN or infinite for too many consecutive steps; restart from the last checkpoint."""
+
+
+class NonFiniteLossMonitor:
+    """Raises :class:`NonFiniteLossError` once ``streak`` consecutive losses are not finite (0: never)."""
+
+    def __init__(self, streak: int) -> None:
+        self.streak = streak
+        self.count = 0
+
+    def observe(self, step: int, loss: float) -> None:
+        if math.isfinite(loss):
+            self.count = 0
+            return
+        self.count += 1
+        if self.streak and self.count >= self.streak:
+            raise NonFiniteLossError(
+                f"loss was {loss} for {self.count} consecutive steps (up to step {step}); "
+                f"faults.nonfinite_loss_streak={self.streak}"
+            )
+
+
+def corrupt_checkpoint(storage: RunStorage, checkpoint: str) -> str:
+    """Truncate the largest data file of ``checkpoint`` (a folder under ``storage``) to half its size.
+
+    Truncation, unlike flipping bytes, cannot go unnoticed when the tensors are read back. Returns the
+    damaged file's path."""
+    selector = pafs.FileSelector(storage.path(checkpoint), recursive=True, allow_not_found=True)
+    files = [i for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    data_files = [i for i in files if not i.base_name.startswith(".")] or files
+    if not data_files:
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} under {storage.root} has no files to corrupt")
+    victim = max(data_files, key=lambda i: (i.size, i.path))
+    with storage.fs.open_input_stream(victim.path) as stream:
+        head = stream.read(victim.size // 2)
+    with storage.fs.open_output_stream(victim.path) as out:
+        out.write(head)
+    return victim.path
+
+
+class FaultInjector:
+    """Call :meth:`on_step_end` after every completed step on every rank."""
+
+    def __init__(
+        self,
+        cfg: FaultConfig,
+        storage: RunStorage,
+        *,
+        rank: int,
+        launch_id: str,
+        restarts_so_far: int,
+        newest_checkpoint,
+    ) -> None:
+        """``newest_checkpoint()`` returns the newest complete checkpoint's folder relative to ``storage``."""
+        self.cfg, self.storage, self.rank, self.launch_id = cfg, storage, rank, launch_id
+        self.restarts_so_far = restarts_so_far  # varies the random kills between attempts
+        self.newest_checkpoint = newest_checkpoint
+
+    def _once(self, name: str) -> bool:
+        """True the first time this launch asks for ``name``: the marker keeps replays from repeating it."""
+        marker = (FOLDER, "faults", f"{self.launch_id}-{name}.done")
+        if self.storage.exists(*marker):
+            return False
+        self.storage.write_json({"time": time.time()}, *marker)
+        return True
+
+    def _draw(self, step: int) -> float:
+        words = repr((self.cfg.seed, self.rank, step, self.restarts_so_far)).encode()
+        return int.from_bytes(hashlib.blake2b(words, digest_size=8).digest(), "little") / 2**64
+
+    def on_step_end(self, step: int) -> None:
+        cfg = self.cfg
+        if not cfg.enabled:
+            return
+        if (
+            self.rank == 0
+            and cfg.corrupt_checkpoint_at_step is not None
+            and step >= cfg.corrupt_checkpoint_at_step
+        ):
+            checkpoint = self.newest_checkpoint()
+            if checkpoint is not None and self._once(f"corrupt-{cfg.corrupt_checkpoint_at_step}"):
+                damaged = corrupt_checkpoint(self.storage, checkpoint)
+                logger.warning("fault injector: corrupted checkpoint %s (truncated %s)", checkpoint, damaged)
+        if cfg.kill_rank == self.rank and cfg.kill_step == step and self._once(f"kill-r{self.rank}-s{step}"):
+            self.kill(step, f"injected SIGKILL of rank {self.rank} at step {step}")
+        if cfg.kill_probability > 0 and self._draw(step) < cfg.kill_probability:
+            self.kill(step, f"injected SIGKILL of rank {self.rank} at step {step} (p={cfg.kill_probability})")
+
+    def kill(self, step: int, cause: str) -> None:
+        note = FailureNote(time=time.time(), cause=cause, source="injector", rank=self.rank, step=step)
+        write_failure_note(self.storage, note)
+        logger.warning("fault injector: %s", cause)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,178 @@
+"""Launch the trainer through Ray Train (default) or torchrun, restart it on failure, report restarts.
+
+Ray only launches, watches and restarts: the training processes run the plain torch.distributed
+trainer (see ``worker.py``), which resumes from the newest complete DCP checkpoint in the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ClusterConfig, OrchestrationConfig
+from .recovery import FOLDER, FailureNote, RestartRecord, read_restart_records, write_failure_note
+from .storage import RunStorage
+from .trainer_adapter import TRAINER_ENTRY
+from .worker import WorkerJob, ray_train_loop, result_name
+
+logger = logging.getLogger(__name__)
+
+# Ray prints one line per worker per event; keep that readable and quiet by default.
+_RAY_ENV_DEFAULTS = {"RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+@dataclass
+class LaunchResult:
+    launcher: str
+    run_dir: str
+    launch_id: str
+    wall_s: float  # launch to return, including start-up and every restart
+    summary: dict[str, Any]  # what the trainer's rank 0 returned
+    restarts: list[RestartRecord]
+
+
+def entry_spec(entry: str | Callable | None) -> tuple[str, list[str]]:
+    """``"module:function"`` for an entry given by name or as a module-level function, and the folder to
+    put on ``sys.path`` when that module is not installed (a script or a test file)."""
+    if entry is None:
+        return TRAINER_ENTRY, []
+    if isinstance(entry, str):
+        return entry, []
+    module = sys.modules[entry.__module__]
+    if entry.__module__ == "__main__" or "." in entry.__qualname__:
+        raise ValueError(f"the trainer entry must be a module-level function of a module file: {entry}")
+    folder = os.path.dirname(os.path.abspath(module.__file__)) if getattr(module, "__file__", None) else None
+    return f"{entry.__module__}:{entry.__name__}", [folder] if folder else []
+
+
+@contextlib.contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+    """Join ``cluster.address``, or start a small private Ray instance; an existing connection is reused
+    (and left running)."""
+    import ray
+
+    for key, value in _RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        yield
+        return
+    if cluster.address is not None:
+        ray.init(address=cluster.address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            num_gpus=cluster.num_gpus,
+            object_store_memory=cluster.object_store_memory,
+            include_dashboard=cluster.include_dashboard,
+            dashboard_host=cluster.dashboard_host,
+            log_to_driver=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _recovery_callback(run_dir: str):
+    """A Ray Train callback (runs in the controller) noting each worker failure where workers find it."""
+    from ray.train import UserCallback
+
+    class RecoveryCallback(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            storage = RunStorage(run_dir)
+            for rank, error in sorted(worker_exceptions.items()):
+                cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                note = FailureNote(time.time(), cause[:500], "ray-controller", rank=rank)
+                write_failure_note(storage, note)
+
+    return RecoveryCallback()
+
+
+def _launch_ray(job: WorkerJob) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    orch = job.orchestration
+    launcher = orch.launcher
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(launcher.health_check_interval_s)
+    resources = {"CPU": launcher.cpus_per_worker}
+    if launcher.gpus_per_worker:
+        resources["GPU"] = launcher.gpus_per_worker
+    workers = (launcher.min_workers, launcher.max_workers) if launcher.elastic else launcher.num_workers
+    storage_path = orch.storage_path if "://" in orch.storage_path else os.path.abspath(orch.storage_path)
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend=launcher.backend) if launcher.backend else None,
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=launcher.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=orch.run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=launcher.max_failures),
+            callbacks=[_recovery_callback(orch.run_dir)],
+        ),
+    )
+    with ray_session(orch.cluster):
+        result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed after {launcher.max_failures} restarts: {result.error}")
+
+
+def _launch_torchrun(job: WorkerJob) -> None:
+    launcher = job.orchestration.launcher
+    with tempfile.TemporaryDirectory(prefix="defocus-launch-") as folder:
+        job_file = os.path.join(folder, "job.pkl")
+        with open(job_file, "wb") as handle:
+            pickle.dump(job, handle)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={launcher.num_workers}", f"--max-restarts={launcher.max_failures}",
+            "-m", "defocus_scale.orchestration.worker", job_file,
+        ]  # fmt: skip
+        completed = subprocess.run(command, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"torchrun exited with status {completed.returncode}: {' '.join(command)}")
+
+
+def launch(
+    orchestration: OrchestrationConfig, trainer_cfg: dict[str, Any], entry: str | Callable | None = None
+) -> LaunchResult:
+    """Train with ``trainer_cfg`` under ``orchestration``; returns rank 0's summary and the restarts."""
+    spec, extra_path = entry_spec(entry)
+    job = WorkerJob(spec, trainer_cfg, orchestration, uuid.uuid4().hex[:12], extra_path)
+    start = time.perf_counter()
+    if orchestration.launcher.kind == "ray":
+        _launch_ray(job)
+    else:
+        _launch_torchrun(job)
+    wall = time.perf_counter() - start
+    storage = RunStorage(orchestration.run_dir)
+    summary = storage.read_json(FOLDER, result_name(job.launch_id), default={})
+    restarts = [r for r in read_restart_records(orchestration.run_dir) if r.launch_id == job.launch_id]
+    kind, run_dir = orchestration.launcher.kind, orchestration.run_dir
+    return LaunchResult(kind, run_dir, job.launch_id, wall, summary, restarts)
+
+
+def launch_from_hydra(cfg: Any, entry: str | Callable | None = None) -> LaunchResult:
+    """Split a composed config into its orchestration part (launcher, cluster, faults, storage_path,
+    run_name) and the trainer's part (everything else), then :func:`launch`."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    orchestration_keys = ("launcher", "cluster", "faults", "storage_path", "run_name")
+    orchestration = OrchestrationConfig.from_mapping(
+        {k: container.pop(k) for k in orchestration_keys if k in container}
+    )
+    return launch(orchestration, container, entry)
