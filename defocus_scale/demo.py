@@ -21,6 +21,7 @@ from defocus_scale.data.synthetic import synthetic_batch
 from defocus_scale.losses import defocus_loss
 from defocus_scale.models import create_model
 from defocus_scale.schedules import CosineSchedule, DropPathSchedule
+from defocus_scale.train.optim import param_groups
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -67,14 +68,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return (images.float() - mean) / std
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as released: no weight decay on 1-D tensors and the bandpass parameters."""
-    exempt = model.no_weight_decay_names()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in exempt]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in exempt]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()

@@ -1,0 +1,302 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint``: async save, commit marker, keep-last-k,
+automatic resume from the newest complete checkpoint, partial or damaged ones reported and skipped.
+
+Layout under ``<run_dir>/checkpoints/step_<step>/``: DCP's shard files and ``.metadata``, then
+``trainer_state.json`` (step, epoch, RNG and data-stream states of every rank, the resolved config) and,
+last, ``COMMITTED.json`` listing every file with its size. Only a folder whose marker exists and whose
+files all match it counts; truncation or a missing shard is caught before DCP reads a byte."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from defocus_scale.train.ema import ShardedEMA
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FOLDER = "checkpoints"  # the orchestration's trainer_adapter.CHECKPOINT_FOLDER
+COMMIT_MARKER = "COMMITTED.json"
+TRAINER_STATE = "trainer_state.json"
+_STEP_FOLDER = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete or damaged."""
+
+
+class TrainState(Stateful):
+    """Model, optimizer and EMA as one DCP state (FQN-keyed, sharded DTensors)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: ShardedEMA | None) -> None:
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def step_folder(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointStore:
+    """The checkpoint folders of one run on a local disk or any fsspec filesystem (``s3://...``)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.fs, root = fsspec.core.url_to_fs(run_dir)
+        self.root = f"{root.rstrip('/')}/{CHECKPOINT_FOLDER}"
+        self.is_local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+        self._url_prefix = run_dir.rstrip("/") + f"/{CHECKPOINT_FOLDER}"
+
+    def path(self, step: int) -> str:
+        return f"{self.root}/{step_folder(step)}"
+
+    def checkpoint_id(self, step: int) -> str:
+        """What DCP's readers and writers take: a local path, or the URL for fsspec."""
+        return self.path(step) if self.is_local else f"{self._url_prefix}/{step_folder(step)}"
+
+    def writer(self, step: int) -> Any:
+        if self.is_local:
+            return FileSystemWriter(self.path(step))
+        from torch.distributed.checkpoint import FsspecWriter
+
+        return FsspecWriter(self.checkpoint_id(step))
+
+    def reader(self, step: int) -> Any:
+        if self.is_local:
+            return FileSystemReader(self.path(step))
+        from torch.distributed.checkpoint import FsspecReader
+
+        return FsspecReader(self.checkpoint_id(step))
+
+    def steps(self) -> list[int]:
+        """Steps that have a folder, complete or not, oldest first."""
+        if not self.fs.exists(self.root):
+            return []
+        found = []
+        for entry in self.fs.ls(self.root, detail=False):
+            match = _STEP_FOLDER.match(entry.rstrip("/").rsplit("/", 1)[-1])
+            if match:
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def _files(self, step: int) -> dict[str, int]:
+        folder = self.path(step)
+        found = self.fs.find(folder, detail=True)
+        return {name[len(folder) + 1 :]: int(info["size"]) for name, info in found.items()}
+
+    def write_json(self, step: int, name: str, data: dict[str, Any]) -> None:
+        self.fs.makedirs(self.path(step), exist_ok=True)
+        with self.fs.open(f"{self.path(step)}/{name}", "w") as handle:
+            json.dump(data, handle)
+
+    def read_json(self, step: int, name: str) -> dict[str, Any]:
+        with self.fs.open(f"{self.path(step)}/{name}", "r") as handle:
+            return json.load(handle)
+
+    def commit(self, step: int) -> None:
+        """Write the marker: called once every rank's shards and DCP's ``.metadata`` are written."""
+        files = self._files(step)
+        files.pop(COMMIT_MARKER, None)
+        for needed in (".metadata", TRAINER_STATE):
+            if needed not in files:
+                raise CheckpointError(f"checkpoint {self.path(step)} lacks {needed}; not committing it")
+        self.write_json(step, COMMIT_MARKER, {"step": step, "committed_at": time.time(), "files": files})
+
+    def problem(self, step: int) -> str | None:
+        """Why the checkpoint at ``step`` cannot be used, or None if it is complete and intact."""
+        try:
+            marker = self.read_json(step, COMMIT_MARKER)
+        except FileNotFoundError:
+            return "no commit marker (the save did not finish)"
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"unreadable commit marker ({exc})"
+        found = self._files(step)
+        for name, size in marker.get("files", {}).items():
+            if name not in found:
+                return f"file {name} is missing"
+            if found[name] != size:
+                return f"file {name} has {found[name]} bytes, {size} were written"
+        try:
+            self.read_json(step, TRAINER_STATE)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return f"unreadable {TRAINER_STATE} ({exc})"
+        return None
+
+    def newest_complete(self) -> tuple[int | None, list[tuple[int, str]]]:
+        """The newest usable step and the (step, reason) of every newer one that was skipped."""
+        skipped = []
+        for step in reversed(self.steps()):
+            reason = self.problem(step)
+            if reason is None:
+                return step, skipped
+            skipped.append((step, reason))
+        return None, skipped
+
+    def remove(self, step: int) -> None:
+        if self.fs.exists(self.path(step)):
+            self.fs.rm(self.path(step), recursive=True)
+
+    def prune(self, keep_last: int) -> list[int]:
+        """Keep the newest ``keep_last`` complete checkpoints; drop older ones and unfinished saves older
+        than the newest complete one (they can never finish). Damaged ones are left for inspection."""
+        steps = self.steps()
+        complete = [s for s in steps if self.problem(s) is None]
+        if not complete:
+            return []
+        keep = set(complete[-keep_last:])
+        newest = complete[-1]
+        removed = []
+        for step in steps:
+            if step in keep or step > newest:
+                continue
+            if step in complete or not self.fs.exists(f"{self.path(step)}/{COMMIT_MARKER}"):
+                self.remove(step)
+                removed.append(step)
+        return removed
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    future: Future
+    stager: DefaultStager
+
+
+class Checkpointer:
+    """Saves (async or not) and loads :class:`TrainState` plus the JSON trainer state; rank 0 commits and
+    prunes. Async saves use their own gloo group so the writer thread's collectives never interleave with
+    training's."""
+
+    def __init__(
+        self, store: CheckpointStore, *, keep_last: int, async_save: bool, rank: int, cuda: bool = False
+    ) -> None:
+        self.store, self.keep_last, self.async_save, self.rank = store, keep_last, async_save, rank
+        self._group = dist.new_group(backend="gloo") if async_save else None
+        # On GPUs the copy to (pinned) host memory runs in the background too; the state must not change
+        # until it is done (wait_for_staging before the optimizer step). On CPU the copy happens in save().
+        self._staging_options = StagingOptions(cuda, False, cuda, cuda)
+        self._staging: Future | None = None
+        self._pending: _PendingSave | None = None
+        self.last_committed: int | None = None
+
+    def save(self, step: int, state: TrainState, trainer_state: dict[str, Any]) -> float:
+        """Start (async) or do (sync) a save of ``step``; returns the seconds training was blocked."""
+        start = time.perf_counter()
+        self.wait()
+        if self.rank == 0:
+            self.store.remove(step)  # a leftover of an earlier, interrupted attempt at this step
+            self.store.write_json(step, TRAINER_STATE, trainer_state)
+        dist.barrier()
+        if self.async_save:
+            stager = DefaultStager(self._staging_options)
+            response = dcp.async_save(
+                {"train": state}, storage_writer=self.store.writer(step), process_group=self._group,
+                async_stager=stager,
+            )  # fmt: skip
+            future = getattr(response, "upload_completion", response)
+            self._staging = getattr(response, "staging_completion", None)
+            self._pending = _PendingSave(step, future, stager)
+        else:
+            dcp.save({"train": state}, storage_writer=self.store.writer(step))
+            self._finish(step)
+        return time.perf_counter() - start
+
+    def wait_for_staging(self) -> float:
+        """Block until the pending save has its own copy of the state; call before changing the weights.
+        Returns the seconds waited."""
+        if self._staging is None:
+            return 0.0
+        start = time.perf_counter()
+        self._staging.result()
+        self._staging = None
+        return time.perf_counter() - start
+
+    def poll(self) -> None:
+        """Commit the pending async save if its writing finished (cheap; call every step)."""
+        if self._pending is not None and self._pending.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        self.wait_for_staging()
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        try:
+            pending.future.result()  # re-raises a failed write
+        finally:
+            pending.stager.close()
+        self._finish(pending.step)
+
+    def _finish(self, step: int) -> None:
+        # DCP's coordinator (rank 0) writes .metadata only after gathering every rank's write results, so
+        # when rank 0's save has returned, all shards are on storage.
+        if self.rank == 0:
+            self.store.commit(step)
+            removed = self.store.prune(self.keep_last)
+            if removed:
+                logger.info("pruned checkpoints of steps %s", removed)
+        self.last_committed = step
+
+    def find_resumable(self) -> int | None:
+        """Rank 0 picks the newest complete checkpoint (reporting skipped ones); every rank gets its step."""
+        choice: list[int | None] = [None]
+        if self.rank == 0:
+            choice[0], skipped = self.store.newest_complete()
+            for step, reason in skipped:
+                logger.warning("skipping checkpoint %s: %s", self.store.path(step), reason)
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def load(self, step: int, state: TrainState) -> dict[str, Any]:
+        dcp.load({"train": state}, storage_reader=self.store.reader(step))
+        return self.store.read_json(step, TRAINER_STATE)
+
+    def close(self) -> None:
+        self.wait()
+        if self._group is not None:
+            dist.barrier(group=self._group)  # no rank tears the group down while another still uses it
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON (torch CPU and CUDA as byte lists)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))

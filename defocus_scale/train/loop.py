@@ -1,0 +1,404 @@
+"""The training loop: one optimizer step = ``grad_accum_steps`` micro-batches in lockstep on every rank,
+then sharded clipping, AdamW, EMA; checkpoints, evaluation and metrics around it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from defocus_scale.data.config import DataConfig
+from defocus_scale.losses import defocus_loss
+from defocus_scale.models import create_model
+from defocus_scale.schedules import DropPathSchedule
+from defocus_scale.train.checkpoint import (
+    CHECKPOINT_FOLDER,
+    Checkpointer,
+    CheckpointStore,
+    TrainState,
+    rng_state,
+    set_rng_state,
+    step_folder,
+)
+from defocus_scale.train.config import TrainConfig, config_to_dict, resolve_batch
+from defocus_scale.train.ema import ShardedEMA
+from defocus_scale.train.export import init_from_exported
+from defocus_scale.train.metrics import (
+    MetricsWriter,
+    peak_flops_per_device,
+    peak_memory_bytes,
+    train_flops_per_sample,
+)
+from defocus_scale.train.optim import build_optimizer, clip_grad_norm, lr_schedule, scaled_lr, set_lr
+from defocus_scale.train.parallel import (
+    DistEnv,
+    build_sharded_model,
+    compile_blocks,
+    init_distributed,
+    mixed_precision_policy,
+)
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainLoaderLike(Protocol):
+    """What the loop needs of a train loader (``defocus_scale.data.loader.TrainLoader`` is one)."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, states: list[dict]) -> None: ...
+
+
+TrainLoaderFactory = Callable[..., TrainLoaderLike]  # (cfg, *, rank, world_size, seed, epoch)
+EvalLoaderFactory = Callable[..., Any]  # (cfg, *, rank, world_size) -> iterable of (images, labels)
+
+
+class TrainingHooks(Protocol):
+    """Callbacks for a launcher (the orchestration's fault injection and restart records)."""
+
+    def on_resume(self, step: int, checkpoint: str | None) -> None: ...
+    def on_step_end(self, step: int, loss: float) -> None: ...
+
+
+def _all_ranks_have(flag: bool, device: torch.device) -> bool:
+    have = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    return bool(have.item())
+
+
+class LockstepBatches:
+    """Micro-batches across epochs, with every rank ending each epoch at the same batch (ranks' shares
+    may differ by a batch; FSDP needs all ranks in every step). Leftovers of an epoch are dropped."""
+
+    def __init__(self, loader: TrainLoaderLike, epoch: int, device: torch.device) -> None:
+        self.loader, self.epoch, self.device = loader, epoch, device
+        self._batches: Iterator[Batch] | None = None
+
+    def next(self) -> Batch:
+        for _attempt in range(2):
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            batch = next(self._batches, None)
+            if _all_ranks_have(batch is not None, self.device):
+                return batch  # type: ignore[return-value]
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self._batches = None
+        raise RuntimeError(
+            "a fresh epoch gave some rank no batch: the training set is smaller than one batch per rank"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Any, env: DistEnv, image_size: int, max_batches: int | None = None
+) -> dict[str, float]:
+    """Top-1/top-5 and CE of the last token's logits over the validation set, summed across ranks. Ranks
+    that run out of batches first keep joining FSDP's collectives on a dummy batch."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss, count
+    batches = iter(loader)
+    seen = 0
+    while True:
+        batch = next(batches, None) if max_batches is None or seen < max_batches else None
+        seen += 1
+        if not _any_rank_has(batch is not None, env.device):
+            break
+        images = (batch[0] if batch is not None else torch.zeros(1, 3, image_size, image_size)).to(
+            env.device, non_blocking=True
+        )
+        logits = model(images).float()
+        if batch is None:
+            continue
+        labels = batch[1].to(env.device)
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals[0] += (top5[:, 0] == labels).sum()
+        totals[1] += (top5 == labels[:, None]).any(dim=-1).sum()
+        totals[2] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        totals[3] += labels.numel()
+    dist.all_reduce(totals)
+    model.train(was_training)
+    count = max(totals[3].item(), 1.0)
+    return {"top1": totals[0].item() / count, "top5": totals[1].item() / count,
+            "loss": totals[2].item() / count, "images": totals[3].item()}  # fmt: skip
+
+
+def _any_rank_has(flag: bool, device: torch.device) -> bool:
+    have = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(have, op=dist.ReduceOp.MAX)
+    return bool(have.item())
+
+
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _default_train_loader(cfg: DataConfig, **kwargs: Any) -> TrainLoaderLike:
+    from defocus_scale.data.loader import build_train_loader
+
+    return build_train_loader(cfg, **kwargs)
+
+
+def _default_eval_loader(cfg: DataConfig, **kwargs: Any) -> Any:
+    from defocus_scale.data.loader import build_eval_loader
+
+    return build_eval_loader(cfg, **kwargs)
+
+
+def prepare_synthetic_data(cfg: TrainConfig, env: DistEnv) -> None:
+    """With ``synthetic_data`` set, rank 0 writes the synthetic shards ``data`` points at, if missing."""
+    if cfg.synthetic_data is None:
+        return
+    if env.is_main:
+        from pathlib import Path
+
+        from defocus_scale.data.make_shards import make_shards
+
+        spec = cfg.synthetic_data
+        targets = [(cfg.data.source, spec.train_samples, 0)]
+        if cfg.data.eval_source:
+            targets.append((cfg.data.eval_source, spec.eval_samples, 1))
+        for out_dir, samples, seed in targets:
+            if not (Path(out_dir) / "manifest.parquet").exists():
+                make_shards(
+                    "synthetic", out_dir, synthetic_samples=samples, synthetic_classes=cfg.data.num_classes,
+                    synthetic_image_size=cfg.data.image_size, samples_per_shard=spec.samples_per_shard,
+                    seed=seed, progress=False,
+                )  # fmt: skip
+    dist.barrier()
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    hooks: TrainingHooks | None = None,
+    env: DistEnv | None = None,
+    train_loader_factory: TrainLoaderFactory = _default_train_loader,
+    eval_loader_factory: EvalLoaderFactory | None = _default_eval_loader,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` in the current process group (created if absent); returns rank 0's summary (every rank
+    returns the same keys)."""
+    trainer = cfg.trainer
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    env = env or init_distributed(trainer.device)
+    console = console or Console()
+    plan = resolve_batch(cfg, env.world_size)
+    data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
+    prepare_synthetic_data(cfg, env)
+
+    model_kwargs = {
+        "img_size": cfg.data.image_size,
+        "num_classes": cfg.data.num_classes,
+        **cfg.model.overrides,
+    }
+    model = build_sharded_model(
+        cfg.model.name, model_kwargs, env, precision=trainer.precision,
+        activation_checkpointing=trainer.activation_checkpointing, seed=trainer.seed,
+    )  # fmt: skip
+    lr_peak = scaled_lr(cfg.optim.lr, plan.global_batch, cfg.optim.lr_reference_batch)
+    optimizer = build_optimizer(
+        model, lr=lr_peak, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas, eps=cfg.optim.eps
+    )
+    lr_at = lr_schedule(
+        lr_peak, warmup_steps=cfg.schedule.warmup_steps, total_steps=trainer.max_steps,
+        warmup_lr=cfg.schedule.warmup_lr, final_lr=cfg.schedule.final_lr,
+    )  # fmt: skip
+    drop_path = DropPathSchedule(**dataclasses.asdict(cfg.schedule.drop_path))
+    ema = ShardedEMA(model, trainer.ema_decay) if trainer.ema_decay > 0 else None
+    state = TrainState(model, optimizer, ema)
+    store = CheckpointStore(trainer.run_dir)
+    checkpointer = Checkpointer(
+        store, keep_last=trainer.keep_last, async_save=trainer.async_save, rank=env.rank,
+        cuda=env.device.type == "cuda",
+    )  # fmt: skip
+
+    step, epoch, loader_states, resumed_from = _resume_or_start(cfg, checkpointer, state, env, console)
+    if resumed_from is None and trainer.init_from:
+        skipped = init_from_exported(model, trainer.init_from)
+        if env.is_main:
+            console.print(f"initialised from {trainer.init_from}; kept fresh: {skipped or 'nothing'}")
+        if ema is not None:
+            ema = state.ema = ShardedEMA(model, trainer.ema_decay)
+    train_loader = train_loader_factory(
+        data_cfg, rank=env.rank, world_size=env.world_size, seed=trainer.seed, epoch=epoch
+    )
+    if loader_states is not None:
+        train_loader.load_state_dict(loader_states)
+    if hooks is not None:
+        hooks.on_resume(step, resumed_from)
+    if trainer.compile:
+        compile_blocks(model)
+
+    # MFU bookkeeping: FLOPs of one training sample on a meta copy, the stated per-device peak.
+    flops_per_sample = train_flops_per_sample(
+        lambda: create_model(cfg.model.name, **model_kwargs), cfg.data.image_size
+    )
+    bf16 = mixed_precision_policy(trainer.precision, env.device).param_dtype == torch.bfloat16
+    peak = trainer.peak_flops or peak_flops_per_device(env.device, bf16)[0]
+    peak_note = "trainer.peak_flops" if trainer.peak_flops else peak_flops_per_device(env.device, bf16)[1]
+    metrics = None
+    if env.is_main:
+        metrics = MetricsWriter(
+            trainer.run_dir,
+            first_step=step,
+            tensorboard=trainer.tensorboard,
+            console=console,
+            log_every=trainer.log_every,
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        console.print(
+            f"[bold]{cfg.model.name}[/] {n_params / 1e6:.2f}M parameters on "
+            f"{env.world_size} x {env.device.type}; "
+            f"global batch {plan.global_batch} = {env.world_size} ranks x {plan.micro_batch} x "
+            f"{plan.accumulation} accumulation; lr {lr_peak:.3g}; MFU peak: {peak_note}"
+        )
+
+    batches = LockstepBatches(train_loader, epoch, env.device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    label_smoothing = cfg.data.label_smoothing
+    first_step, losses, blocked_by_save = step, [], 0.0
+    progress = _progress(console, trainer.max_steps, step, enabled=env.is_main and trainer.progress)
+    task = progress.add_task("train", total=trainer.max_steps, completed=step, status="")
+    with progress:
+        last_step = min(trainer.max_steps, trainer.stop_at_step or trainer.max_steps)
+        while step < last_step:
+            start = time.perf_counter()
+            lr, rate = lr_at(step), drop_path.rate(step, trainer.max_steps)
+            set_lr(optimizer, lr)
+            sums = torch.zeros(3, dtype=torch.float64)  # total, main, aux (means over micro-batches)
+            for micro in range(plan.accumulation):
+                images, targets = batches.next()
+                images = images.to(env.device, non_blocking=True)
+                targets = targets.to(env.device, non_blocking=True)
+                # Reduce-scatter gradients only on the last micro-batch of the step.
+                model.set_requires_gradient_sync(micro == plan.accumulation - 1)
+                parts = defocus_loss(
+                    model(images, drop_path_rate=rate), targets, label_smoothing if targets.ndim == 1 else 0.0
+                )
+                (parts.total / plan.accumulation).backward()
+                aux = parts.aux.detach() if parts.aux is not None else torch.tensor(float("nan"))
+                sums += torch.stack(
+                    [parts.total.detach().cpu(), parts.main.detach().cpu(), aux.cpu()]
+                ).double()
+            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+            blocked_by_save += checkpointer.wait_for_staging()  # the last save's copy must be complete
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            step += 1
+            mean_losses = sums.to(env.device) / (plan.accumulation * env.world_size)
+            dist.all_reduce(mean_losses)
+            loss = mean_losses[0].item()
+            losses.append(loss)
+            seconds = time.perf_counter() - start
+            images_per_s = plan.global_batch / seconds
+            record = {
+                "loss": loss, "loss_main": mean_losses[1].item(), "loss_aux": mean_losses[2].item(),
+                "lr": lr, "drop_path": rate, "grad_norm": grad_norm.item(), "images_per_s": images_per_s,
+                "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
+                "step_seconds": seconds, "epoch": batches.epoch,
+                "peak_memory_gib": peak_memory_bytes(env.device) / 2**30,
+            }  # fmt: skip
+            if metrics is not None:
+                metrics.log(step, record)
+            progress.update(task, completed=step, status=f"loss {loss:.3f} lr {lr:.2e} dp {rate:.3f}")
+            if hooks is not None:
+                hooks.on_step_end(step, loss)
+            checkpointer.poll()
+            if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == last_step):
+                trainer_state = {
+                    "step": step, "epoch": batches.epoch, "world_size": env.world_size,
+                    "loader_states": _gather_objects(train_loader.state_dict(), env.world_size),
+                    "rng_states": _gather_objects(rng_state(), env.world_size),
+                    "global_batch": plan.global_batch, "config": config_to_dict(cfg),
+                }  # fmt: skip
+                blocked_by_save += checkpointer.save(step, state, trainer_state)
+            if trainer.eval_every and step % trainer.eval_every == 0 and step < last_step:
+                _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
+    checkpointer.close()
+    final_eval = _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
+    peak_mem = torch.tensor([peak_memory_bytes(env.device)], dtype=torch.float64, device=env.device)
+    peaks = [torch.zeros_like(peak_mem) for _ in range(env.world_size)]
+    dist.all_gather(peaks, peak_mem)
+    if metrics is not None:
+        metrics.close()
+    head = max(1, min(5, len(losses) // 4))
+    return {
+        "final_step": step, "epoch": batches.epoch, "resumed_from": resumed_from,
+        "steps_run": step - first_step,
+        "loss_first": sum(losses[:head]) / head if losses else None,
+        "loss_last": sum(losses[-head:]) / head if losses else None,
+        "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
+        "lr_peak": lr_peak, "flops_per_sample": flops_per_sample, "peak_flops_per_device": peak,
+        "peak_flops_source": peak_note, "seconds_blocked_by_checkpoints": blocked_by_save,
+        "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], **final_eval,
+    }  # fmt: skip
+
+
+def _resume_or_start(
+    cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, env: DistEnv, console: Console
+) -> tuple[int, int, list[dict] | None, str | None]:
+    """Load the newest complete checkpoint if resuming; returns (step, epoch, loader states of every old
+    rank, checkpoint folder relative to the run) -- (0, 0, None, None) on a fresh start."""
+    seed = cfg.trainer.seed * 1_000_003 + env.rank + 1
+    torch.manual_seed(seed)  # per rank: drop-path masks differ across ranks
+    resume_step = checkpointer.find_resumable() if cfg.trainer.resume else None
+    if resume_step is None:
+        return 0, 0, None, None
+    saved = checkpointer.load(resume_step, state)
+    step = saved["step"]
+    if len(saved["rng_states"]) == env.world_size:
+        set_rng_state(saved["rng_states"][env.rank])
+    else:  # another world size: a fresh per-rank stream, still a function of the step
+        torch.manual_seed(seed + 7919 * step)
+    if env.is_main:
+        console.print(
+            f"resumed from {checkpointer.store.path(resume_step)} at step {step} (epoch {saved['epoch']}); "
+            f"saved by {saved['world_size']} ranks, now {env.world_size}"
+        )
+    return step, saved["epoch"], saved["loader_states"], f"{CHECKPOINT_FOLDER}/{step_folder(resume_step)}"
+
+
+def _run_eval(
+    cfg: TrainConfig, data_cfg: DataConfig, model: nn.Module, ema: ShardedEMA | None, env: DistEnv,
+    metrics: MetricsWriter | None, step: int, factory: EvalLoaderFactory | None,
+) -> dict[str, float]:  # fmt: skip
+    if factory is None or not cfg.data.eval_source:
+        return {}
+    results: dict[str, float] = {}
+    variants = [("eval", None)] + ([("eval_ema", ema)] if ema is not None else [])
+    for prefix, averaged in variants:
+        loader = factory(data_cfg, rank=env.rank, world_size=env.world_size)
+        if averaged is None:
+            scores = evaluate(model, loader, env, cfg.data.image_size, cfg.trainer.max_eval_batches)
+        else:
+            with averaged.swapped_in():
+                scores = evaluate(model, loader, env, cfg.data.image_size, cfg.trainer.max_eval_batches)
+        results.update({f"{prefix}/{k}": v for k, v in scores.items()})
+    if metrics is not None:
+        metrics.log(step, results, table="eval")
+    return results
+
+
+def _progress(console: Console, total: int, done: int, *, enabled: bool) -> Progress:
+    columns = (TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn())  # fmt: skip
+    return Progress(*columns, console=console, disable=not enabled, transient=False)

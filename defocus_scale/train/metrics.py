@@ -1,0 +1,134 @@
+"""Per-step metrics: a Parquet table (pyarrow) and TensorBoard events under the run directory, console
+lines with rich; FLOP counting and the peak used for MFU; peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from defocus_scale.losses import defocus_loss
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device-name fragment.
+_GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "4090": 165e12,
+}
+
+
+def train_flops_per_sample(model_fn: Any, image_size: int) -> float:
+    """Forward + backward FLOPs of one training sample, counted by ``FlopCounterMode`` on a meta-device
+    copy (no memory, no compute). Matmuls and convolutions only, the usual MFU convention: the scans'
+    elementwise work is not counted."""
+    with torch.device("meta"):
+        model: nn.Module = model_fn()
+        model.train()
+        images = torch.empty(1, 3, image_size, image_size)
+        with FlopCounterMode(display=False) as counter:
+            output = model(images)
+            defocus_loss(output, torch.zeros(1, dtype=torch.long)).total.backward()
+    return float(counter.get_total_flops())
+
+
+def peak_flops_per_device(device: torch.device, precision_bf16: bool) -> tuple[float, str]:
+    """(peak FLOP/s of one rank's device, how it was arrived at)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peak in _GPU_PEAK_BF16.items():
+            if fragment in name:
+                peak = peak if precision_bf16 else peak / 2  # TF32 is half the bf16 rate on these parts
+                return peak, f"{name}: {peak / 1e12:.0f} TFLOP/s {'bf16' if precision_bf16 else 'tf32'} dense"
+        return float("nan"), f"{name}: unknown peak (set trainer.peak_flops)"
+    mhz, has_fma, has_avx512 = 0.0, False, False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("cpu MHz") and not mhz:
+                    mhz = float(line.split(":")[1])
+                if line.startswith("flags"):
+                    has_fma, has_avx512 = " fma" in line, " avx512f" in line
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    # fp32 FLOPs per cycle and core: two FMA pipes x lanes (16 with AVX-512, 8 with AVX2) x 2 (multiply-add).
+    # An upper bound: cores that split 512-bit FMAs in two reach half of it.
+    per_cycle = 64 if has_avx512 else 32 if has_fma else 8
+    peak = threads * mhz * 1e6 * per_cycle
+    return peak, f"CPU: {threads} threads x {mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class MetricsWriter:
+    """Rank 0's sink for records. Each table (``train``: one row per step; ``eval``) is a folder of Parquet
+    parts under ``<run_dir>/metrics/``, a new part per process start (read a folder with
+    ``pyarrow.dataset``; after a restart, the newest part holds the truth for repeated steps)."""
+
+    def __init__(
+        self, run_dir: str, *, first_step: int, tensorboard: bool, console: Console | None, log_every: int
+    ) -> None:
+        self.fs, root = fsspec.core.url_to_fs(run_dir)
+        self.root = root.rstrip("/")
+        self.part_name = f"part-{first_step:08d}-{time.strftime('%Y%m%dT%H%M%S')}.parquet"
+        self.console, self.log_every = console, log_every
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._writers: dict[str, tuple[pq.ParquetWriter, Any]] = {}
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=f"{run_dir.rstrip('/')}/tensorboard")
+
+    def log(self, step: int, record: dict[str, float], table: str = "train") -> None:
+        rows = self._rows.setdefault(table, [])
+        rows.append({"step": step, "time": time.time(), **{k: float(v) for k, v in record.items()}})
+        if self._tb is not None:
+            for key, value in record.items():
+                self._tb.add_scalar(f"{table}/{key}", value, step)
+        if self.console is not None and (table != "train" or step % self.log_every == 0):
+            shown = " ".join(f"{k} {v:.4g}" for k, v in record.items())
+            self.console.print(f"[bold]{table} step {step}[/] {shown}")
+        if len(rows) >= 100:
+            self.flush()
+
+    def flush(self) -> None:
+        for table_name, rows in self._rows.items():
+            if not rows:
+                continue
+            table = pa.Table.from_pylist(rows)
+            if table_name not in self._writers:
+                folder = f"{self.root}/metrics/{table_name}"
+                self.fs.makedirs(folder, exist_ok=True)
+                handle = self.fs.open(f"{folder}/{self.part_name}", "wb")
+                self._writers[table_name] = (pq.ParquetWriter(handle, table.schema), handle)
+            writer, _ = self._writers[table_name]
+            writer.write_table(table.cast(writer.schema))
+            rows.clear()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        for writer, handle in self._writers.values():
+            writer.close()
+            handle.close()
+        self._writers.clear()
+        if self._tb is not None:
+            self._tb.close()
