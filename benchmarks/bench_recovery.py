@@ -6,10 +6,10 @@ Jobs: a tiny De-focus Mamba (embed 32, depth 2, 16 px) on synthetic shards, 2 CP
 ``--repeats`` times, each a fresh run). The overhead compares the wall time of the whole fault-free
 job (start-up included) under each launcher; Ray's time includes starting its local instance.
 
-``--entry module:function`` picks the trainer (default: the orchestration's TRAINER_ENTRY); until the
-issue-5 trainer lands, run it with ``--entry-path tests --entry test_orchestration:double_trainer``.
+The trainer is the real one (the orchestration's TRAINER_ENTRY, ``defocus_scale.train``) unless
+``--entry module:function`` names another (``--entry-path``: its folder, if not installed).
 
-    python benchmarks/bench_recovery.py --entry-path tests --entry test_orchestration:double_trainer
+    python benchmarks/bench_recovery.py [--repeats 3] [--kill-step 5]
 """
 
 from __future__ import annotations
@@ -42,10 +42,14 @@ SAMPLES, CLASSES, IMAGE, GLOBAL_BATCH, STEPS = 96, 10, 16, 12, 8
 
 
 def trainer_config(shards: Path) -> dict:
-    data = dict(source=str(shards), num_classes=CLASSES, image_size=IMAGE, workers=0, shuffle_buffer=8,
-                open_shards=2, mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0, drop_last=True)
-    trainer = dict(seed=3, max_steps=STEPS, checkpoint_every=2, global_batch=GLOBAL_BATCH)
-    return {"data": data, "trainer": trainer}
+    """The trainer's config (merged onto configs/train.yaml): synchronous saves, no evaluation, EMA on."""
+    data = dict(source=str(shards), eval_source=None, num_classes=CLASSES, image_size=IMAGE, workers=0,
+                shuffle_buffer=8, open_shards=2, mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0)
+    trainer = dict(seed=3, max_steps=STEPS, checkpoint_every=2, global_batch=GLOBAL_BATCH, async_save=False,
+                   ema_decay=0.9, tensorboard=False, progress=False, threads=1, log_every=100, eval_every=0)
+    model = {"name": "defocus_mamba_tiny", "overrides": {"embed_dim": 32, "depth": 2, "inner_dim": 64,
+             "dt_rank": 4, "group_size": 16, "patch_size": 4}}  # fmt: skip
+    return {"model": model, "data": data, "trainer": trainer}
 
 
 def orchestration(

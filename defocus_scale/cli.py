@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from defocus_scale import demo
     from defocus_scale.analysis import cli as analysis_cli
     from defocus_scale.data import make_shards
+    from defocus_scale.orchestration import cli as launch_cli
     from defocus_scale.train import cli as train_cli
 
     parser = argparse.ArgumentParser(
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(subparsers)
     make_shards.register(subparsers)
     analysis_cli.register(subparsers)
+    launch_cli.register(subparsers)
     train_cli.register(subparsers)
     return parser
 

@@ -7,8 +7,9 @@ one-line change (``TRAINER_ENTRY`` and, if its layout differs, ``CHECKPOINT_FOLD
   initialised process group (Ray Train and torchrun both set it up) and returns a JSON-able summary;
 * calls to ``hooks.on_resume(step, checkpoint)`` once after loading (step 0, None on a fresh start) and
   ``hooks.on_step_end(step, loss)`` on every rank after each optimizer step;
-* complete DCP checkpoints as folders ``<run_dir>/<CHECKPOINT_FOLDER>/<name ending in the step>``, whose
-  ``.metadata`` DCP writes only after every rank finished;
+* complete DCP checkpoints as folders ``<run_dir>/<CHECKPOINT_FOLDER>/<name ending in the step>``, holding
+  ``COMPLETE_MARKER``, which the trainer writes only after every rank finished (and which lists every file
+  with its size, so the trainer itself also catches a damaged one);
 * config keys for the run directory and the batch (see ``*_KEY``), so the launcher can keep the global
   batch fixed at any worker count.
 """
@@ -29,6 +30,7 @@ from .storage import RunStorage
 # The trainer's entry point, "module:function".
 TRAINER_ENTRY = "defocus_scale.train:train_in_process_group"
 CHECKPOINT_FOLDER = "checkpoints"
+COMPLETE_MARKER = "COMMITTED.json"  # defocus_scale.train.checkpoint.COMMIT_MARKER
 # Dotted keys of the trainer config the launcher reads or sets.
 RUN_DIR_KEY = "trainer.run_dir"
 GLOBAL_BATCH_KEY = "trainer.global_batch"
@@ -103,7 +105,7 @@ def list_complete_checkpoints(storage: RunStorage) -> list[str]:
     """Complete checkpoint folders (relative to the run directory), oldest first."""
     selector = pafs.FileSelector(storage.path(CHECKPOINT_FOLDER), allow_not_found=True)
     folders = [i.base_name for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
-    complete = [f for f in folders if storage.exists(CHECKPOINT_FOLDER, f, ".metadata")]
+    complete = [f for f in folders if storage.exists(CHECKPOINT_FOLDER, f, COMPLETE_MARKER)]
     return [f"{CHECKPOINT_FOLDER}/{f}" for f in sorted(complete, key=_trailing_number)]
 
 

@@ -162,10 +162,9 @@ def test_ema_update_and_swap() -> None:
 def test_subcommands_parse() -> None:
     import argparse
 
-    from defocus_scale.train.cli import register
+    from defocus_scale.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     train_args = parser.parse_args(["train", "model=defocus_mamba_small", "trainer.max_steps=3"])
     assert train_args.overrides == ["model=defocus_mamba_small", "trainer.max_steps=3"]
     export_args = parser.parse_args(["export", "runs/x", "out.safetensors", "--ema"])

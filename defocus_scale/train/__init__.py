@@ -15,6 +15,7 @@ from defocus_scale.train.config import (
     TrainConfig,
     compose_train_config,
     load_train_config,
+    split_orchestration,
     to_train_config,
 )
 from defocus_scale.train.export import export_checkpoint, load_exported
@@ -29,6 +30,7 @@ __all__ = [
     "load_exported",
     "load_train_config",
     "param_groups",
+    "split_orchestration",
     "to_train_config",
     "train",
     "train_in_process_group",
@@ -41,7 +43,7 @@ def train_in_process_group(cfg: dict[str, Any], hooks: TrainingHooks | None = No
     (the built-in synthetic set) entirely."""
     from omegaconf import OmegaConf
 
-    base = OmegaConf.to_container(compose_train_config(), resolve=False)
+    base = split_orchestration(compose_train_config())[1]
     if "data" in cfg:
         base.pop("data", None)
         base.pop("synthetic_data", None)

@@ -1,4 +1,6 @@
-"""``defocus-scale train KEY=VALUE...`` and ``defocus-scale export CKPT OUT.safetensors [--ema]``."""
+"""The plain in-process trainer entry (``torchrun -m defocus_scale.train KEY=VALUE...``) and ``defocus-scale
+export CKPT OUT.safetensors [--ema]``. ``defocus-scale train`` launches through the orchestration
+(``defocus_scale.orchestration.cli``), whose workers run the same trainer."""
 
 from __future__ import annotations
 
@@ -36,16 +38,6 @@ def run_from_overrides(overrides: list[str]) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    train_parser = subparsers.add_parser(
-        "train", help="train a model with FSDP2 (run under torchrun for several processes)",
-        description="Compose configs/train.yaml with Hydra overrides (group=option, key=value) and train. "
-        "Under torchrun every process runs it; alone, it trains as a world of one.",
-    )  # fmt: skip
-    train_parser.add_argument(
-        "overrides", nargs="*", metavar="OVERRIDE", help="e.g. model=defocus_mamba_small"
-    )
-    train_parser.set_defaults(func=lambda args: run_from_overrides(args.overrides))
-
     export_parser = subparsers.add_parser(
         "export", help="write a checkpoint's weights as one safetensors file for inference",
         description="CKPT is a checkpoint folder (RUN/checkpoints/step_N) or a run directory (its newest "

@@ -16,6 +16,9 @@ from defocus_scale.data.config import DataConfig
 from defocus_scale.orchestration.config import BatchPlan, plan_batch
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Top-level keys of configs/train.yaml that belong to the launcher (defocus_scale.orchestration), not to
+# the trainer: the trainer's schema leaves them out.
+ORCHESTRATION_KEYS = ("launcher", "cluster", "faults", "storage_path", "run_name")
 
 
 @dataclass
@@ -91,6 +94,9 @@ class TrainerConfig:
     progress: bool = True  # rich console progress on rank 0
     peak_flops: float | None = None  # per device, for MFU; None: a table of known devices (see metrics)
     init_from: str | None = None  # an exported .safetensors to start from (fine-tuning); ignored on resume
+    # Keep the key of every consumed sample in the checkpoints (trainer_state.json "consumed_keys"): an
+    # exactly-once audit for tests and fault drills; the list grows with the run, so keep it off otherwise.
+    audit_samples: bool = False
 
 
 @dataclass
@@ -151,8 +157,16 @@ def compose_train_config(overrides: list[str] | None = None, config_dir: Path | 
         raise ConfigError(str(exc)) from exc
 
 
+def split_orchestration(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the launcher's part, the trainer's part) of a composed config, as plain containers; interpolations
+    stay unresolved."""
+    container = dict(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg)
+    launcher_part = {key: container.pop(key) for key in ORCHESTRATION_KEYS if key in container}
+    return launcher_part, container
+
+
 def load_train_config(overrides: list[str] | None = None, config_dir: Path | None = None) -> TrainConfig:
-    return to_train_config(compose_train_config(overrides, config_dir))
+    return to_train_config(split_orchestration(compose_train_config(overrides, config_dir))[1])
 
 
 def resolve_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:

@@ -79,18 +79,36 @@ def _all_ranks_have(flag: bool, device: torch.device) -> bool:
 
 class LockstepBatches:
     """Micro-batches across epochs, with every rank ending each epoch at the same batch (ranks' shares
-    may differ by a batch; FSDP needs all ranks in every step). Leftovers of an epoch are dropped."""
+    may differ by a batch; FSDP needs all ranks in every step). Leftovers of an epoch are dropped.
 
-    def __init__(self, loader: TrainLoaderLike, epoch: int, device: torch.device) -> None:
-        self.loader, self.epoch, self.device = loader, epoch, device
-        self._batches: Iterator[Batch] | None = None
+    With ``audit`` the sample keys of every batch handed out are kept in ``consumed`` (the loader must
+    offer ``batches_with_keys()``, as ``defocus_scale.data.loader.TrainLoader`` does)."""
+
+    def __init__(
+        self, loader: TrainLoaderLike, epoch: int, device: torch.device, audit: bool = False
+    ) -> None:
+        self.loader, self.epoch, self.device, self.audit = loader, epoch, device, audit
+        self._batches: Iterator[Any] | None = None
+        self.consumed: list[str] = []
+
+    def _iterate(self) -> Iterator[Any]:
+        if not self.audit:
+            return iter(self.loader)
+        with_keys = getattr(self.loader, "batches_with_keys", None)
+        if with_keys is None:
+            raise TypeError("trainer.audit_samples needs a train loader with batches_with_keys()")
+        return with_keys()
 
     def next(self) -> Batch:
         for _attempt in range(2):
             if self._batches is None:
-                self._batches = iter(self.loader)
+                self._batches = self._iterate()
             batch = next(self._batches, None)
             if _all_ranks_have(batch is not None, self.device):
+                if self.audit:
+                    images, targets, keys = batch  # type: ignore[misc]
+                    self.consumed.extend(keys)
+                    return images, targets
                 return batch  # type: ignore[return-value]
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
@@ -228,7 +246,10 @@ def train(
         cuda=env.device.type == "cuda",
     )  # fmt: skip
 
-    step, epoch, loader_states, resumed_from = _resume_or_start(cfg, checkpointer, state, env, console)
+    step, epoch, saved, resumed_from = _resume_or_start(cfg, checkpointer, state, env, console)
+    loader_states = saved["loader_states"] if saved else None
+    # Keys of the samples consumed in this run so far (trainer.audit_samples): carried by checkpoints.
+    audit_log: list[str] = list(saved.get("consumed_keys", [])) if saved else []
     if resumed_from is None and trainer.init_from:
         skipped = init_from_exported(model, trainer.init_from)
         if env.is_main:
@@ -269,7 +290,7 @@ def train(
             f"{plan.accumulation} accumulation; lr {lr_peak:.3g}; MFU peak: {peak_note}"
         )
 
-    batches = LockstepBatches(train_loader, epoch, env.device)
+    batches = LockstepBatches(train_loader, epoch, env.device, audit=trainer.audit_samples)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     label_smoothing = cfg.data.label_smoothing
@@ -330,7 +351,14 @@ def train(
                     "rng_states": _gather_objects(rng_state(), env.world_size),
                     "global_batch": plan.global_batch, "config": config_to_dict(cfg),
                 }  # fmt: skip
+                if trainer.audit_samples:  # every rank's keys since the last save, in rank order
+                    gathered = _gather_objects(batches.consumed, env.world_size)
+                    audit_log += [key for keys in gathered for key in keys]
+                    batches.consumed = []
+                    trainer_state["consumed_keys"] = audit_log
                 blocked_by_save += checkpointer.save(step, state, trainer_state)
+                if metrics is not None:  # the metrics up to a checkpoint are as durable as it is
+                    metrics.flush()
             if trainer.eval_every and step % trainer.eval_every == 0 and step < last_step:
                 _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
     checkpointer.close()
@@ -355,9 +383,10 @@ def train(
 
 def _resume_or_start(
     cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, env: DistEnv, console: Console
-) -> tuple[int, int, list[dict] | None, str | None]:
-    """Load the newest complete checkpoint if resuming; returns (step, epoch, loader states of every old
-    rank, checkpoint folder relative to the run) -- (0, 0, None, None) on a fresh start."""
+) -> tuple[int, int, dict[str, Any] | None, str | None]:
+    """Load the newest complete checkpoint if resuming; returns (step, epoch, its trainer state -- loader
+    states of every old rank and so on --, checkpoint folder relative to the run) -- (0, 0, None, None) on a
+    fresh start."""
     seed = cfg.trainer.seed * 1_000_003 + env.rank + 1
     torch.manual_seed(seed)  # per rank: drop-path masks differ across ranks
     resume_step = checkpointer.find_resumable() if cfg.trainer.resume else None
@@ -374,7 +403,7 @@ def _resume_or_start(
             f"resumed from {checkpointer.store.path(resume_step)} at step {step} (epoch {saved['epoch']}); "
             f"saved by {saved['world_size']} ranks, now {env.world_size}"
         )
-    return step, saved["epoch"], saved["loader_states"], f"{CHECKPOINT_FOLDER}/{step_folder(resume_step)}"
+    return step, saved["epoch"], saved, f"{CHECKPOINT_FOLDER}/{step_folder(resume_step)}"
 
 
 def _run_eval(

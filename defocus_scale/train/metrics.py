@@ -78,18 +78,21 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class MetricsWriter:
     """Rank 0's sink for records. Each table (``train``: one row per step; ``eval``) is a folder of Parquet
-    parts under ``<run_dir>/metrics/``, a new part per process start (read a folder with
-    ``pyarrow.dataset``; after a restart, the newest part holds the truth for repeated steps)."""
+    parts under ``<run_dir>/metrics/``, one complete file per flush (every 100 rows, at every checkpoint
+    and at the end), written under a temporary name and renamed: a killed worker loses at most its
+    unflushed rows, never a file. Parts sort by (first step of the process, start time, flush), so after
+    a restart the later part holds the truth for repeated steps (``report.read_metrics`` applies that;
+    ``pyarrow.dataset`` reads the folder as it is)."""
 
     def __init__(
         self, run_dir: str, *, first_step: int, tensorboard: bool, console: Console | None, log_every: int
     ) -> None:
         self.fs, root = fsspec.core.url_to_fs(run_dir)
         self.root = root.rstrip("/")
-        self.part_name = f"part-{first_step:08d}-{time.strftime('%Y%m%dT%H%M%S')}.parquet"
+        self.part_stem = f"part-{first_step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
+        self._flushes = 0
         self.console, self.log_every = console, log_every
         self._rows: dict[str, list[dict[str, Any]]] = {}
-        self._writers: dict[str, tuple[pq.ParquetWriter, Any]] = {}
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -112,23 +115,18 @@ class MetricsWriter:
         for table_name, rows in self._rows.items():
             if not rows:
                 continue
-            table = pa.Table.from_pylist(rows)
-            if table_name not in self._writers:
-                folder = f"{self.root}/metrics/{table_name}"
-                self.fs.makedirs(folder, exist_ok=True)
-                handle = self.fs.open(f"{folder}/{self.part_name}", "wb")
-                self._writers[table_name] = (pq.ParquetWriter(handle, table.schema), handle)
-            writer, _ = self._writers[table_name]
-            writer.write_table(table.cast(writer.schema))
+            folder = f"{self.root}/metrics/{table_name}"
+            self.fs.makedirs(folder, exist_ok=True)
+            final = f"{folder}/{self.part_stem}-{self._flushes:05d}.parquet"
+            with self.fs.open(f"{final}.tmp", "wb") as handle:
+                pq.write_table(pa.Table.from_pylist(rows), handle)
+            self.fs.mv(f"{final}.tmp", final)
             rows.clear()
+        self._flushes += 1
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
         self.flush()
-        for writer, handle in self._writers.values():
-            writer.close()
-            handle.close()
-        self._writers.clear()
         if self._tb is not None:
             self._tb.close()
