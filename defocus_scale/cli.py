@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from defocus_scale.analysis import cli as analysis_cli
     from defocus_scale.data import make_shards
     from defocus_scale.orchestration import cli as launch_cli
+    from defocus_scale.scaling import cli as sweep_cli
     from defocus_scale.train import cli as train_cli
 
     parser = argparse.ArgumentParser(
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_cli.register(subparsers)
     launch_cli.register(subparsers)
     train_cli.register(subparsers)
+    sweep_cli.register(subparsers)
     return parser
 
 

@@ -171,3 +171,18 @@ def test_subcommands_parse() -> None:
     assert (export_args.checkpoint, export_args.out, export_args.ema) == ("runs/x", "out.safetensors", True)
     missing = argparse.Namespace(checkpoint="/nonexistent/run", out="x.safetensors", ema=False)
     assert export_args.func(missing) == 1  # a clear message, no traceback
+
+
+def test_entry_config_replaces_the_default_model() -> None:
+    """A launcher's model section must not inherit the default model's keyword arguments."""
+    from omegaconf import OmegaConf
+
+    from defocus_scale.train import split_orchestration, to_train_config
+    from defocus_scale.train.config import compose_train_config
+
+    base = split_orchestration(compose_train_config())[1]
+    assert "inner_dim" in base["model"]["overrides"]  # the default (Mamba) model's own kwargs
+    cfg = {"model": {"name": "defocus_vit_tiny", "overrides": {"depth": 2}}}
+    base.pop("model")
+    merged = to_train_config(OmegaConf.merge(base, cfg))
+    assert merged.model.overrides == {"depth": 2}

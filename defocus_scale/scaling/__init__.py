@@ -1,4 +1,5 @@
-"""Scaling-law sweeps: trial records, sweep planning, the ``L(N, D)`` fit and its plots."""
+"""Scaling-law sweeps: trial records, sweep planning, running the trials (``defocus-scale sweep``), the
+``L(N, D)`` fit and its plots."""
 
 from defocus_scale.scaling.fit import (
     ScalingLawFit,
@@ -9,11 +10,14 @@ from defocus_scale.scaling.fit import (
     fit_scaling_law,
 )
 from defocus_scale.scaling.records import TrialRecord, append_record, finished_trial_ids, read_records
+from defocus_scale.scaling.runner import SweepConfigError, SweepLayout, prepare_trials, run_sweep
 from defocus_scale.scaling.sweep_plan import SweepConfig, TrialSpec, load_sweep_config, plan_trials
 
 __all__ = [
     "ScalingLawFit",
     "SweepConfig",
+    "SweepConfigError",
+    "SweepLayout",
     "TrialRecord",
     "TrialSpec",
     "append_record",
@@ -25,5 +29,7 @@ __all__ = [
     "fit_scaling_law",
     "load_sweep_config",
     "plan_trials",
+    "prepare_trials",
     "read_records",
+    "run_sweep",
 ]

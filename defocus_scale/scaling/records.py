@@ -29,6 +29,8 @@ class TrialRecord:
     ``params`` counts non-embedding parameters (see ``sweep_plan.non_embedding_params``);
     ``flops_per_image`` is one forward pass in training mode; ``compute`` is the training FLOPs,
     ``3 * flops_per_image * images_seen`` (forward + backward), i.e. about ``6 N D`` in tokens.
+    A metric the trainer does not measure (e.g. ``train_acc`` under Mixup) or a failed trial's
+    metrics are NaN.
     """
 
     trial_id: str
@@ -49,6 +51,7 @@ class TrialRecord:
     val_acc: float
     wall_time_s: float
     status: str
+    error: str = ""  # why a failed trial failed (the exception's type and message); empty otherwise
 
     def __post_init__(self) -> None:
         if self.status not in TRIAL_STATUSES:
@@ -62,6 +65,10 @@ _ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
 RECORD_SCHEMA = pa.schema(
     [pa.field(f.name, _ARROW_TYPES[f.type], nullable=False) for f in dataclasses.fields(TrialRecord)]
 )
+
+_COLUMN_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(TrialRecord) if f.default is not dataclasses.MISSING
+}
 
 
 class RecordTableError(ValueError):
@@ -90,6 +97,11 @@ def read_table(path: str | Path) -> pa.Table:
         raise RecordTableError(
             f"trial table {path} could not be read (corrupt or not Parquet): {exc}"
         ) from exc
+    for name, default in _COLUMN_DEFAULTS.items():  # tables written before the column existed
+        if name not in table.column_names:
+            table = table.append_column(
+                name, pa.array([default] * table.num_rows, RECORD_SCHEMA.field(name).type)
+            )
     missing = [name for name in RECORD_SCHEMA.names if name not in table.column_names]
     if missing:
         raise RecordTableError(f"trial table {path} lacks the columns {missing}")
@@ -112,6 +124,7 @@ def append_record(path: str | Path, record: TrialRecord) -> None:
         table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would make the table private to its writer
         try:
             pq.write_table(table, tmp_name)
             os.replace(tmp_name, path)

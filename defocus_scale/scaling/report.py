@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -105,14 +105,18 @@ def report_sweep(
     *,
     loss_column: str = "val_loss",
     data_column: str = "tokens_seen",
+    trial_ids: Collection[str] | None = None,
     **fit_options,
 ) -> ScalingLawFit:
-    """Fit the finished trials of the table at ``table`` and write ``fit.json`` (constants, intervals,
-    compute-optimal allocation at the sweep's budgets) and ``loss_vs_compute.png``,
-    ``fitted_vs_observed.png``, ``compute_optimal.png`` under ``out_dir``."""
+    """Fit the finished trials of the table at ``table`` (only those in ``trial_ids`` when given) and
+    write ``fit.json`` (constants, intervals, compute-optimal allocation at the sweep's budgets) and
+    ``loss_vs_compute.png``, ``fitted_vs_observed.png``, ``compute_optimal.png`` under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = usable_records(read_records(table), loss_column)
+    records = read_records(table)
+    if trial_ids is not None:
+        records = [r for r in records if r.trial_id in trial_ids]
+    records = usable_records(records, loss_column)
     if not records:
         raise ValueError(f"trial table {table} has no finished trials with a finite {loss_column}")
     fit = fit_records(records, loss_column=loss_column, data_column=data_column, **fit_options)

@@ -82,7 +82,14 @@ class SweepConfig:
     batch_size: int = MISSING
     min_steps: int = 1  # budgets giving fewer optimizer steps than this are left out of the plan
     seeds: list[int] = field(default_factory=lambda: [0])
-    train: dict[str, Any] = field(default_factory=dict)  # trainer settings, passed through as they are
+    data: str = "synthetic"  # the configs/data option trials train on; train.data keys are merged onto it
+    warmup_fraction: float = 0.1  # of each trial's steps (schedule.warmup_steps, at least 1 step)
+    # Trainer settings (keys of configs/train.yaml's trainer part: data, optim, schedule, trainer,
+    # synthetic_data), merged onto its defaults; the runner sets the model, lr, steps, batch and seed.
+    train: dict[str, Any] = field(default_factory=dict)
+    # Launcher settings (launcher, cluster, faults sections of OrchestrationConfig); they do not change a
+    # trial's result, so they are not part of its id.
+    orchestration: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,10 +109,12 @@ class TrialSpec:
     tokens_per_image: int
     images: int
     steps: int
+    warmup_steps: int
     batch_size: int
     compute: float
     lr: float
     seed: int
+    data: str
     train: dict[str, Any]
 
 
@@ -228,6 +237,8 @@ def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
         )
     if cfg.batch_size <= 0:
         raise ValueError(f"sweep {cfg.name}: batch_size must be positive, got {cfg.batch_size}")
+    if not 0.0 <= cfg.warmup_fraction < 1.0:
+        raise ValueError(f"sweep {cfg.name}: warmup_fraction must lie in [0, 1), got {cfg.warmup_fraction}")
     model_name = base_variant(cfg.family)
     trials: list[TrialSpec] = []
     for size in cfg.sizes:
@@ -251,10 +262,11 @@ def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
                 )  # fmt: skip
                 continue
             images = steps * cfg.batch_size
+            warmup = max(1, round(cfg.warmup_fraction * steps)) if cfg.warmup_fraction else 0
             for seed in cfg.seeds:
                 identity = dict(
                     model=model_name, model_kwargs=kwargs, images=images, batch_size=cfg.batch_size,
-                    lr=lr, seed=seed, train=cfg.train,
+                    lr=lr, seed=seed, data=cfg.data, train=cfg.train, warmup_steps=warmup,
                 )  # fmt: skip
                 trials.append(
                     TrialSpec(
@@ -270,10 +282,12 @@ def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
                         tokens_per_image=tokens,
                         images=images,
                         steps=steps,
+                        warmup_steps=warmup,
                         batch_size=cfg.batch_size,
                         compute=3.0 * flops * images,
                         lr=lr,
                         seed=seed,
+                        data=cfg.data,
                         train=dict(cfg.train),
                     )  # fmt: skip
                 )

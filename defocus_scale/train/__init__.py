@@ -39,11 +39,14 @@ __all__ = [
 
 def train_in_process_group(cfg: dict[str, Any], hooks: TrainingHooks | None = None) -> dict[str, Any]:
     """The orchestration's entry, inside an initialised process group: ``cfg`` (plain containers) is merged
-    onto the defaults of ``configs/train.yaml``; a ``data`` section given replaces the default data
-    (the built-in synthetic set) entirely."""
+    onto the defaults of ``configs/train.yaml``. A ``model`` section given replaces the default model
+    entirely (its ``overrides`` are keyword arguments of that model only), and a ``data`` section the
+    default data (the built-in synthetic set)."""
     from omegaconf import OmegaConf
 
     base = split_orchestration(compose_train_config())[1]
+    if "model" in cfg:
+        base.pop("model", None)
     if "data" in cfg:
         base.pop("data", None)
         base.pop("synthetic_data", None)
