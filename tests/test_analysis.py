@@ -173,7 +173,12 @@ def test_analyze_cli_end_to_end_synthetic(tmp_path):
     assert len(table) == len(models) * (2 * 2 * 2 + 2 * 2 * 3)
     assert {row["source"] for row in table} == {"mixing", "gradient_attention", "loss_gradient"}
     assert all(row["effective_tokens"] >= 1 - 1e-9 for row in table)
-    for name in ("effective_tokens.png", "maps_image0.png", "maps_image1.png"):
+    for name in (
+        "effective_tokens.png",
+        "gradient_effective_tokens.png",
+        "maps_image0.png",
+        "maps_image1.png",
+    ):
         assert (out / name).stat().st_size > 5000
 
 
@@ -201,3 +206,59 @@ def test_analyze_cli_input_errors(tmp_path):
     with pytest.raises(analyze_cli.AnalysisInputError, match="no decodable images"):
         run_analyze(["deit_tiny", *tiny_args("deit_tiny"), "--images", str(tmp_path / "images"),
                      "--out", str(tmp_path)])  # fmt: skip
+
+
+def write_export(path: Path, name: str) -> torch.nn.Module:
+    """A file in the trainer's export layout (weights + the variant and its arguments as metadata)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from defocus_scale.train.export import FORMAT
+
+    model = tiny_model(name)
+    overrides = {**TINY, **TINY_BY_FAMILY[name]}
+    metadata = {"format": FORMAT, "model": name, "overrides": json.dumps(overrides), "weights": "live"}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    return model
+
+
+def test_analyze_cli_on_exported_checkpoints_of_non_default_size(tmp_path):
+    # A 32 px, 2-block export: analyze rebuilds it from the file alone and names the variant's family.
+    names = ["causal_vit_tiny", "defocus_mamba_tiny"]
+    paths = [tmp_path / f"{name}_run.safetensors" for name in names]
+    originals = [write_export(path, name) for path, name in zip(paths, names)]
+    subject = analyze_cli.load_subject(str(paths[0]), {}, seed=0)
+    assert subject.label == "causal_vit_tiny_run" and subject.family == "causal_vit"
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(subject.model(images), originals[0](images))
+    out = tmp_path / "out"
+    argv = [*map(str, paths), "--images", "synthetic", "--out", str(out), "--num-images", "1"]
+    assert run_analyze(argv) == 0
+    rows = pq.read_table(out / "overfocus.parquet").to_pylist()
+    assert {(row["model"], row["family"], row["depth"]) for row in rows} == {
+        ("causal_vit_tiny_run", "causal_vit", 2),
+        ("defocus_mamba_tiny_run", "defocus_mamba", 2),
+    }
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(analyze_cli.AnalysisInputError, match="corrupt.safetensors"):
+        analyze_cli.load_subject(str(tmp_path / "corrupt.safetensors"), {}, seed=0)
+    with pytest.raises(analyze_cli.AnalysisInputError, match="bad --model-arg"):
+        analyze_cli.load_subject(str(paths[0]), {"no_such_argument": 1}, seed=0)
+
+
+def test_find_images_per_class_takes_classes_in_turn(tmp_path):
+    from PIL import Image
+
+    for folder, count in (("a", 3), ("b", 1), ("c", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / folder / f"{i}.png")
+    (tmp_path / "c" / "0.png").write_bytes(b"broken")  # skipped; the class's next image stands in
+    _, names = analyze_cli.find_images(tmp_path, 2, per_class=True)
+    assert names == ["a/0.png", "b/0.png", "c/1.png", "a/1.png"]
+    _, names = analyze_cli.find_images(tmp_path, 2)
+    assert names == ["a/0.png", "a/1.png"]
+    with pytest.raises(analyze_cli.AnalysisInputError, match="no class subfolders"):
+        analyze_cli.find_images(tmp_path / "a", 1, per_class=True)

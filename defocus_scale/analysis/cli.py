@@ -2,7 +2,8 @@
 same images.
 
 A model is a registered name (randomly initialised, e.g. for a smoke run; ``--model-arg key=value``
-overrides its keyword arguments), a checkpoint exported by the trainer (``.safetensors``) or a released
+overrides its keyword arguments), a checkpoint exported by the trainer (``.safetensors``; it stores its own
+variant, size and input size, and ``--model-arg`` replaces some, e.g. ``backend``) or a released
 De-focus Mamba checkpoint (``.pth``/``.pt``). Images come from a directory (searched recursively; files
 that do not decode are skipped and counted) or ``synthetic`` (the built-in synthetic images).
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
@@ -75,8 +77,16 @@ def load_subject(spec: str, model_args: dict[str, Any], seed: int) -> ModelUnder
             raise AnalysisInputError(
                 f"cannot load {path}: defocus_scale.train.export.load_exported is not available ({exc})"
             ) from exc
-        model = load_exported(path)
-        return ModelUnderAnalysis(path.stem, type(model).__name__, model)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                name = (handle.metadata() or {}).get("model", "")
+            model = load_exported(path, **model_args)
+        except (SafetensorError, ValueError, KeyError, RuntimeError) as exc:
+            raise AnalysisInputError(f"cannot load exported checkpoint {path}: {exc}") from exc
+        except TypeError as exc:
+            raise AnalysisInputError(f"{path}: bad --model-arg: {exc}") from exc
+        # The stored variant name gives the family (causal_vit and defocus_vit share one class).
+        return ModelUnderAnalysis(path.stem, _family_of(name), model)
     if path.suffix in OFFICIAL_SUFFIXES:
         accepted = inspect.signature(load_official_checkpoint).parameters
         unknown = sorted(set(model_args) - set(accepted))
@@ -96,31 +106,43 @@ def load_subject(spec: str, model_args: dict[str, Any], seed: int) -> ModelUnder
     return ModelUnderAnalysis(spec, _family_of(spec), model)
 
 
-def find_images(directory: Path, count: int) -> tuple[list[Image.Image], list[str]]:
-    """The first ``count`` decodable images under ``directory`` in sorted path order."""
+def find_images(directory: Path, count: int, per_class: bool = False) -> tuple[list[Image.Image], list[str]]:
+    """The first ``count`` decodable images under ``directory`` in sorted path order; with ``per_class``,
+    the first ``count`` of each immediate subfolder (an ImageFolder class), taken in turn (the first image
+    of every class, then the second, ...), so that any prefix of the list spans the classes."""
     if not directory.is_dir():
         raise AnalysisInputError(f"image directory {directory} does not exist")
-    images, names, skipped = [], [], 0
-    for path in sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        if len(images) == count:
-            break
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            skipped += 1
-            log.warning("skipping %s: not a decodable image (%s)", path, exc)
-            continue
-        names.append(str(path.relative_to(directory)))
+
+    def candidates(root: Path) -> list[Path]:
+        return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    folders = sorted(p for p in directory.iterdir() if p.is_dir()) if per_class else [directory]
+    if not folders:
+        raise AnalysisInputError(f"--per-class: {directory} has no class subfolders")
+    chosen: list[list[tuple[Path, Image.Image]]] = []
+    skipped = 0
+    for folder in folders:
+        found: list[tuple[Path, Image.Image]] = []
+        for path in candidates(folder):
+            if len(found) == count:
+                break
+            try:
+                with Image.open(path) as image:
+                    found.append((path, image.convert("RGB")))
+            except (UnidentifiedImageError, OSError) as exc:
+                skipped += 1
+                log.warning("skipping %s: not a decodable image (%s)", path, exc)
+        chosen.append(found)
     if skipped:
         log.warning("skipped %d undecodable files under %s", skipped, directory)
-    if not images:
+    in_turn = [found[i] for i in range(count) for found in chosen if i < len(found)]
+    if not in_turn:
         raise AnalysisInputError(f"no decodable images ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
-    return images, names
+    return [image for _, image in in_turn], [str(path.relative_to(directory)) for path, _ in in_turn]
 
 
 def image_loader(
-    source: str, count: int
+    source: str, count: int, per_class: bool = False
 ) -> tuple[Callable[[int], tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """``(load(img_size) -> (pixels in [0, 1], normalised), image names)`` for a directory or
     ``synthetic``; every model sees the same images at its own input size (resize, centre crop)."""
@@ -133,7 +155,7 @@ def image_loader(
             return pixels, (pixels - mean) / std
 
         return load, [f"synthetic/{i}" for i in range(count)]
-    images, names = find_images(Path(source), count)
+    images, names = find_images(Path(source), count, per_class)
 
     def load(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         resize = v2.Compose([
@@ -156,13 +178,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", required=True, help="image directory, or 'synthetic'")
     parser.add_argument("--out", required=True, type=Path, help="output directory (table and PNGs)")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
-                        help="0-based blocks for gradient maps (negative counts from the end); "
-                             "default: depth - 2, as in the paper's figures")  # fmt: skip
-    parser.add_argument("--num-images", type=int, default=4)
-    parser.add_argument("--plot-images", type=int, default=2, help="how many images get map figures")
+                        help="0-based blocks for gradient maps (negative counts from the end); the "
+                             "map figures show the first; default: depth - 2, as in the paper")  # fmt: skip
+    parser.add_argument("--num-images", type=int, default=4, help="images in all, or per class")
+    parser.add_argument("--per-class", action="store_true",
+                        help="take --num-images from each subfolder (class) of --images")  # fmt: skip
+    parser.add_argument("--plot-images", type=int, default=2,
+                        help="how many images (the first ones) get map figures")  # fmt: skip
     parser.add_argument("--model-arg", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                         help="keyword argument for every model, or for MODEL only (registered: "
-                             "create_model overrides; .pth: load_official_checkpoint options)")  # fmt: skip
+                             "create_model overrides; .safetensors: replace stored arguments, e.g. "
+                             "backend; .pth: load_official_checkpoint options)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed of registered models")
     parser.add_argument("--device", default="cpu", help="torch device for the models, e.g. cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -182,7 +208,9 @@ def _main(args: argparse.Namespace) -> int:
     for i, subject in enumerate(subjects):  # the same model twice (e.g. two seeds) keeps distinct labels
         if labels.count(subject.label) > 1:
             subject.label = f"{subject.label}#{i}"
-    load, names = image_loader(args.images, args.num_images)
+    if args.per_class and args.images == "synthetic":
+        raise AnalysisInputError("--per-class needs an image directory, not 'synthetic'")
+    load, names = image_loader(args.images, args.num_images, args.per_class)
     table = analyze_models(subjects, load, names, args.out, args.layers, args.plot_images)
     print(f"wrote {table.num_rows} rows to {args.out / 'overfocus.parquet'} and plots to {args.out}")
     return 0

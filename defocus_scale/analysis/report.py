@@ -8,8 +8,10 @@ Table ``overfocus.parquet``, one row per (model, layer, image, query, source):
 * ``entropy``, ``effective_tokens``, ``mean_distance`` (see ``diagnostics``).
 
 Plots: ``effective_tokens.png`` (effective tokens of the mixing matrix per layer, class and patch
-queries, one line per model) and ``maps_image<i>.png`` (per model: the mixing matrix, the gradient
-attention map, the class token's receptive field and the loss gradient on the patch grid, and the image).
+queries, one line per model), ``gradient_effective_tokens.png`` (the same for the gradient maps of the
+layers that have them: class receptive field, patch rows, loss gradient) and ``maps_image<i>.png`` (per
+model, at the first gradient layer: the mixing matrix, the gradient attention map, the class token's
+receptive field and the loss gradient on the patch grid, and the image).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import nn  # noqa: E402
 
 from defocus_scale.analysis.diagnostics import LayerDiagnostics, diagnose  # noqa: E402
@@ -81,23 +84,58 @@ def table_rows(result: ModelResult, image_names: Sequence[str]) -> list[dict]:
     return rows
 
 
-def plot_effective_tokens(results: Sequence[ModelResult], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+def _curve_panels(
+    results: Sequence[ModelResult],
+    panels: Sequence[tuple[str, str]],
+    summary_of,
+    title: str,
+    path: Path,
+) -> None:
+    """One panel per ``(query, panel title)``: the mean over images of the effective tokens of that query
+    per layer, one line per model; ``summary_of(layer diagnostics)`` picks the summary (or ``None``)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    length = 0
     for result in results:
-        layers = [d.layer + 1 for d in result.layers]
-        for ax, query in zip(axes, ("class", "patch")):
-            values = [d.mixing_summary[query]["effective_tokens"].mean().item() for d in result.layers]
-            ax.plot(layers, values, "o-", label=result.subject.label)
-    for ax, query in zip(axes, ("class token", "patch tokens (mean)")):
-        ax.set_title(f"token mixing of the {query}")
-        ax.set_xlabel("layer")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
+        diags = [d for d in result.layers if summary_of(d) is not None]
+        length = max(length, diags[0].mixing_map.shape[-1])
+        for ax, (query, _) in zip(axes, panels):
+            values = [summary_of(d)[query]["effective_tokens"].mean().item() for d in diags]
+            ax.plot([d.layer + 1 for d in diags], values, "o-", label=result.subject.label)
+    # The class token is last, so every key is visible to it: exp(H) = L when it spreads evenly.
+    axes[0].axhline(length, color="grey", linestyle="--", linewidth=1, label=f"uniform over all {length}")
+    for ax, (_, panel_title) in zip(axes, panels):
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("layer (1 = first block)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("effective number of tokens exp(H)")
     axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_effective_tokens(results: Sequence[ModelResult], path: Path) -> None:
+    images = len(results[0].images)
+    panels = (("class", "class token (last): its row of |M|"), ("patch", "patch tokens: rows of |M|, mean"))
+    _curve_panels(
+        results, panels, lambda d: d.mixing_summary,
+        f"Token-mixing matrix M of each layer: effective tokens per query (mean over heads/channels "
+        f"and {images} images)", path,
+    )  # fmt: skip
+
+
+def plot_gradient_effective_tokens(results: Sequence[ModelResult], path: Path) -> None:
+    images = len(results[0].images)
+    panels = (("class", "receptive field of the class token"), ("patch", "gradient-map rows of patch tokens"),
+              ("loss", "loss gradient over patch tokens"))  # fmt: skip
+    _curve_panels(
+        results, panels, lambda d: d.gradient_summary,
+        f"Gradient maps of the analysed layers: effective tokens (mean over {images} images)", path,
+    )  # fmt: skip
 
 
 def _patch_grid(values: torch.Tensor) -> np.ndarray:
@@ -107,9 +145,10 @@ def _patch_grid(values: torch.Tensor) -> np.ndarray:
     return patches.reshape(side, side)
 
 
-def plot_maps(results: Sequence[ModelResult], image_index: int, path: Path) -> None:
-    columns = ("mixing |M| (mean over heads)", "gradient attention map", "receptive field (class)",
-               "loss gradient", "image")  # fmt: skip
+def plot_maps(results: Sequence[ModelResult], image_index: int, path: Path, image_name: str = "") -> None:
+    columns = ("mixing |M| (rows: query, cols: key)", "gradient attention map",
+               "class receptive field (patch grid)",
+               "loss gradient (patch grid)", "image")  # fmt: skip
     fig, axes = plt.subplots(len(results), len(columns), figsize=(3 * len(columns), 3 * len(results)),
                              squeeze=False)  # fmt: skip
     for row, result in enumerate(results):
@@ -131,7 +170,11 @@ def plot_maps(results: Sequence[ModelResult], image_index: int, path: Path) -> N
             if row == 0:
                 ax.set_title(columns[col], fontsize=9)
         axes[row][0].set_ylabel(f"{result.subject.label}\nlayer {layer + 1}/{len(result.layers)}", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(
+        f"{image_name or f'image {image_index}'}: token maps of one layer per model; matrices and patch "
+        "grids normalised per panel, square-root colour scale (bright = large)", fontsize=10,
+    )  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the columns
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -163,6 +206,7 @@ def analyze_models(
     table = pa.Table.from_pylist(rows, schema=TABLE_SCHEMA)
     pq.write_table(table, out / "overfocus.parquet")
     plot_effective_tokens(results, out / "effective_tokens.png")
+    plot_gradient_effective_tokens(results, out / "gradient_effective_tokens.png")
     for i in range(min(plot_images, len(image_names))):
-        plot_maps(results, i, out / f"maps_image{i}.png")
+        plot_maps(results, i, out / f"maps_image{i}.png", image_names[i])
     return table
