@@ -1,28 +1,34 @@
 """Training input pipeline throughput vs the per-core decode + augment limit.
 
-    python benchmarks/bench_data.py [--workers 1 2] [--batch-size 32] [--repeats 1] [--smoke] [--out FILE]
+    python benchmarks/bench_data.py [--workers 1 2] [--batch-size 32] [--repeats 3] [--smoke] [--out FILE]
 
 For ants/bees (photos of many sizes, 224 px crops) and the CIFAR-10 subset (32 px), the images are
 written as shards, then timed two ways, side by side in one run:
-- limit: one process decodes (PIL) and augments (timm DeiT train transform) the same image bytes held in
-  memory, one image after the other, with one torch thread: the most one core can do;
-- pipeline: ``build_train_loader`` (read shards, shuffle, decode, augment, collate, Mixup/CutMix) with
-  1 and 2 DataLoader workers, counted from the first batch on (worker start-up excluded).
-``per worker`` = pipeline images/s / (workers x limit); the target is >= 0.9 for one worker. With more
-workers than free cores the per-worker figure drops for lack of cores, not of the pipeline. As wall
-clock suffers from other load on the machine, ``cpu eff.`` also compares CPU seconds per image (the
-limit loop's over the pipeline's, main process and workers together, less the CPU of starting and
-stopping the workers, measured on the spent epoch): the pipeline's own steady-state overhead.
-Limit and pipeline timings alternate, ``--repeats`` times; medians are reported.
+- limit: one process decodes (PIL) and augments (timm DeiT per-image transform, to uint8 tensors) the
+  same image bytes held in memory, one image after the other, with one torch thread: the most one core
+  can do;
+- pipeline: ``build_train_loader(...).raw_batches()`` (read shards, shuffle, decode, augment, batch, ship
+  to the main process) with 1 and 2 DataLoader workers, timed from the loader's start to the epoch's end,
+  less the time of an epoch with no images left (worker start-up and shut-down).
+Both produce the same images: augmented uint8 (3, S, S), each with the same random draws; the pipeline
+has also read them from tars, shuffled and batched them, and handed them to the main process. The batch
+half of the recipe (normalise, random erasing, Mixup/CutMix) runs on the training device, outside both;
+``finish`` gives its CPU cost per image on this CPU, for reference.
+``per worker`` = best pipeline images/s / (workers x best limit images/s) over ``--repeats`` alternating
+timings; the target is >= 0.9 for one worker. ``runs`` lists each repeat's own ratio (the noise). With
+more workers than free cores the per-worker figure drops for lack of cores, not of the pipeline. ``cpu
+eff.`` compares CPU seconds per image (the limit's over the pipeline's, main process and workers
+together, less the CPU of the no-image epoch), ``workers' cpu eff.`` the same for the workers alone: the
+pipeline's own overhead, less sensitive than wall clock to other load on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -38,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import write_result  # noqa: E402
 
 from defocus_scale.data.config import DataConfig  # noqa: E402
-from defocus_scale.data.loader import _derived_seed, _seed_global_rngs, build_train_loader  # noqa: E402
+from defocus_scale.data.loader import _derived_seed, build_train_loader  # noqa: E402
 from defocus_scale.data.stream import iter_shard, resolve_shards  # noqa: E402
-from defocus_scale.data.transforms import train_transform  # noqa: E402
+from defocus_scale.data.transforms import BatchFinisher, seed_global_rngs, train_transform  # noqa: E402
 
 PIPELINE_SEED = 0
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -79,14 +85,16 @@ def _in_memory(shard_dir: Path) -> list[tuple[str, bytes]]:
     return images
 
 
-def _cpu_seconds() -> float:
-    """This process's CPU time plus that of its exited children (the DataLoader workers, once joined)."""
+def _cpu_seconds(workers_only: bool = False) -> float:
+    """CPU time of this process plus (or only, ``workers_only``) that of its exited children: the
+    DataLoader workers, once joined."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return (0.0 if workers_only else time.process_time()) + children.ru_utime + children.ru_stime
 
 
-def _limit_rate(images: list[tuple[str, bytes]], cfg: DataConfig) -> tuple[float, float]:
-    """(images/s, CPU s/image) of decode + augment in this process, one thread, from memory.
+def _limit_rate(images: list[tuple[str, bytes]], cfg: DataConfig) -> tuple[float, float, list[torch.Tensor]]:
+    """(images/s, CPU s/image, a few batches of the outputs) of decode + augment to uint8 tensors, in this
+    process, one thread, from memory. Batching the outputs is the pipeline's work, not counted here.
 
     Each image gets the random draws the pipeline gives it (same per-sample seed), so both do the same
     work: crops of photos up to 2592x1944 px differ a lot in resize cost.
@@ -94,34 +102,52 @@ def _limit_rate(images: list[tuple[str, bytes]], cfg: DataConfig) -> tuple[float
     transform = train_transform(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    kept: collections.deque[torch.Tensor] = collections.deque(maxlen=4 * cfg.batch_size)
     try:
         start, cpu = time.perf_counter(), _cpu_seconds()
         for key, data in images:
             with Image.open(io.BytesIO(data)) as image:
                 rgb = image.convert("RGB")
-            _seed_global_rngs(_derived_seed(PIPELINE_SEED, 0, key, 0))
-            transform(rgb)
-        return len(images) / (time.perf_counter() - start), (_cpu_seconds() - cpu) / len(images)
+            seed_global_rngs(_derived_seed(PIPELINE_SEED, 0, key, 0))
+            kept.append(transform(rgb))
+        rate, cpu = len(images) / (time.perf_counter() - start), (_cpu_seconds() - cpu) / len(images)
     finally:
         torch.set_num_threads(threads)
+    outputs = list(kept)
+    batches = [torch.stack(outputs[i : i + cfg.batch_size]) for i in range(0, len(outputs), cfg.batch_size)]
+    return rate, cpu, [b for b in batches if len(b) == cfg.batch_size]
 
 
-def _pipeline_rate(cfg: DataConfig) -> tuple[float, float]:
-    """(images/s from the first batch to the end of the epoch, CPU s/image less worker start-up)."""
+def _pipeline_rate(cfg: DataConfig) -> tuple[float, float, float]:
+    """(images/s, CPU s/image of all processes, of the workers alone) of an epoch, each less that of an
+    epoch with no images left (starting and stopping the workers)."""
     loader = build_train_loader(cfg, rank=0, world_size=1, seed=PIPELINE_SEED)
-    cpu = _cpu_seconds()
-    images, timed, start = 0, 0, None
-    for batch, _ in loader:
-        images += len(batch)
-        if start is None:
-            start = time.perf_counter()
-        else:
-            timed += len(batch)
-    rate = timed / (time.perf_counter() - start)
-    epoch_cpu = _cpu_seconds() - cpu
-    cpu = _cpu_seconds()
-    assert list(loader) == []  # the spent epoch: starting and stopping the workers, no images
-    return rate, (epoch_cpu - (_cpu_seconds() - cpu)) / images
+
+    def epoch() -> tuple[int, float, float, float]:
+        start, cpu, worker_cpu = time.perf_counter(), _cpu_seconds(), _cpu_seconds(workers_only=True)
+        images = sum(len(batch) for batch, _, _ in loader.raw_batches())
+        return (images, time.perf_counter() - start, _cpu_seconds() - cpu,
+                _cpu_seconds(workers_only=True) - worker_cpu)
+
+    images, wall, cpu, worker_cpu = epoch()
+    idle_images, idle_wall, idle_cpu, idle_worker_cpu = epoch()  # the spent epoch
+    assert idle_images == 0
+    return images / (wall - idle_wall), (cpu - idle_cpu) / images, (worker_cpu - idle_worker_cpu) / images
+
+
+def _finish_cpu_seconds(batches: list[torch.Tensor], cfg: DataConfig) -> float:
+    """CPU s/image of the batch half of the recipe (normalise, erase, mix) on CPU, one thread."""
+    finisher = BatchFinisher(cfg, train=True)
+    labels = torch.zeros(cfg.batch_size, dtype=torch.int64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu = _cpu_seconds()
+        for i, batch in enumerate(batches):
+            finisher(batch, labels, seed=i)
+        return (_cpu_seconds() - cpu) / (len(batches) * cfg.batch_size)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -130,7 +156,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="median over this many timings")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many alternating timings")
     parser.add_argument("--smoke", action="store_true", help="few images, for a quick check")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -143,34 +169,46 @@ def main() -> None:
             shard_dir = Path(scratch) / name.replace("/", "_")
             _write_shards(folder, shard_dir, limit=64 if args.smoke else None)
             cfg = DataConfig(source=str(shard_dir), num_classes=num_classes, image_size=size,
-                             batch_size=8 if args.smoke else args.batch_size, drop_last=True)
+                             batch_size=8 if args.smoke else args.batch_size,
+                             drop_last=False)  # every image read is delivered, on both sides
             images = _in_memory(shard_dir)
-            limits, pipelines = [], {w: [] for w in args.workers}
+            limits, pipelines, last_batches = [], {w: [] for w in args.workers}, []
             for _ in range(args.repeats):  # alternate, so that outside load hits both alike
-                limits.append(_limit_rate(images, cfg))
+                rate, cpu, last_batches = _limit_rate(images, cfg)
+                limits.append((rate, cpu))
                 for workers in args.workers:
                     cfg.workers = workers
                     pipelines[workers].append(_pipeline_rate(cfg))
-            limit = statistics.median(r for r, _ in limits)
-            limit_cpu = statistics.median(c for _, c in limits)
+            limit = max(r for r, _ in limits)
+            limit_cpu = min(c for _, c in limits)
+            finish_cpu = _finish_cpu_seconds(last_batches, cfg)
             for workers, runs in pipelines.items():
-                rate = statistics.median(r for r, _ in runs)
-                cpu = statistics.median(c for _, c in runs)
+                rate = max(r for r, _, _ in runs)
+                cpu = min(c for _, c, _ in runs)
+                worker_cpu = min(c for _, _, c in runs)
+                run_ratios = [p[0] / (workers * lim[0]) for p, lim in zip(runs, limits)]
                 rows.append({"dataset": name, "image_size": size, "images": len(images), "workers": workers,
                              "limit_images_per_s": limit, "pipeline_images_per_s": rate,
                              "per_worker_ratio": rate / (workers * limit),
+                             "per_worker_ratio_runs": run_ratios,
                              "limit_cpu_s_per_image": limit_cpu, "pipeline_cpu_s_per_image": cpu,
-                             "cpu_efficiency": limit_cpu / cpu})
+                             "cpu_efficiency": limit_cpu / cpu, "worker_cpu_s_per_image": worker_cpu,
+                             "worker_cpu_efficiency": limit_cpu / worker_cpu,
+                             "finish_cpu_s_per_image": finish_cpu})
 
     table = Table(title="Training input pipeline vs per-core decode+augment limit (images/s)")
-    columns = ("dataset", "px", "images", "workers", "limit (1 core)", "pipeline", "per worker", "cpu eff.")
+    columns = ("dataset", "px", "images", "workers", "limit (1 core)", "pipeline", "per worker", "runs",
+               "cpu eff.", "workers' cpu eff.", "finish (cpu)")
     for column in columns:
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for r in rows:
         table.add_row(r["dataset"], str(r["image_size"]), str(r["images"]), str(r["workers"]),
                       f"{r['limit_images_per_s']:.0f}", f"{r['pipeline_images_per_s']:.0f}",
-                      f"{r['per_worker_ratio']:.2f}x", f"{r['cpu_efficiency']:.2f}x")
-    Console().print(table)
+                      f"{r['per_worker_ratio']:.2f}x",
+                      " ".join(f"{x:.2f}" for x in r["per_worker_ratio_runs"]),
+                      f"{r['cpu_efficiency']:.2f}x", f"{r['worker_cpu_efficiency']:.2f}x",
+                      f"{r['finish_cpu_s_per_image'] * 1e6:.0f} us/img")
+    Console(width=160).print(table)
     load = dict(zip(("1min", "5min", "15min"), os.getloadavg()))
     payload = {"smoke": args.smoke, "batch_size": args.batch_size, "repeats": args.repeats,
                "load_average": load, "versions": _versions(), "rows": rows}

@@ -119,8 +119,9 @@ def test_transforms_follow_the_config(shard_dir: Path) -> None:
 
     cfg = _config(shard_dir, image_size=24)
     image = Image.new("RGB", (50, 40), (200, 30, 30))
-    assert train_transform(cfg)(image).shape == (3, 24, 24)
-    assert eval_transform(cfg)(image).shape == (3, 24, 24)
+    for transform in (train_transform(cfg), eval_transform(cfg)):
+        output = transform(image)
+        assert output.shape == (3, 24, 24) and output.dtype == torch.uint8  # normalised per batch, later
     with pytest.raises(ValueError, match="batch_size"):
         _config(shard_dir, batch_size=0)
 
@@ -153,3 +154,20 @@ def test_real_jpegs_and_the_bad_gif_stream_through(tmp_path: Path) -> None:
     assert [tuple(b[1].shape) for b in batches] == [(6, 2)] * 3 + [(3, 2)]  # odd last: smoothing only
     assert torch.isfinite(torch.cat([b[0] for b in batches])).all()
 
+
+
+@pytest.mark.parametrize("reprob", [0.0, 1.0])
+def test_workers_ship_uint8_batches_normalised_and_erased_on_arrival(shard_dir: Path, reprob: float) -> None:
+    cfg = _config(shard_dir, workers=1, reprob=reprob)
+    raw = list(build_train_loader(cfg, rank=0, world_size=1, seed=0).raw_batches())
+    finished = list(build_train_loader(cfg, rank=0, world_size=1, seed=0).batches_with_keys())
+    assert [keys for _, _, keys in raw] == [keys for _, _, keys in finished]
+    mean, std = torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+    for (images, labels, _), (floats, targets, _) in zip(raw, finished):
+        assert images.dtype == torch.uint8 and floats.dtype == torch.float32 and torch.equal(labels, targets)
+        changed = ~torch.isclose(floats, (images.float() / 255 - mean) / std, atol=1e-5)
+        per_image = changed.flatten(1).float().mean(1)
+        if reprob == 0:
+            assert not changed.any()
+        else:  # every image has an erased rectangle (of 2-33% of its area), the rest is as shipped
+            assert ((per_image > 0) & (per_image < 0.5)).all()

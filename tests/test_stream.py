@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from defocus_scale.data.stream import ShardReadError, WorkUnit, open_stream, split_work
+from defocus_scale.data.tar_reader import iter_members
 
 SHARD_SIZES = (7, 12, 5, 9, 11, 4, 8)  # uneven on purpose: 56 samples
 
@@ -259,3 +261,45 @@ def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
         open_stream(tmp_path, rank=0, world_size=1, seed=0)
     with pytest.raises(FileNotFoundError, match="none of the 3 shard"):
         open_stream(str(tmp_path / "x-{0..2}.tar"), rank=0, world_size=1, seed=0)
+
+
+def _tarfile_listing(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_match_tarfile_also_beyond_plain_ustar(tmp_path: Path, tar_format: int) -> None:
+    """Plain members take the fast path; long and non-ASCII names (GNU/PAX headers), directories and
+    compressed archives hand over to tarfile midway or from the start, with the same result."""
+    members = [("a/x.cls", b"1"), ("a/x.png", _png(1)), ("d/" + "n" * 60 + "/" + "m" * 60 + ".png", _png(2)),
+               ("a/y.cls", b"2"), ("é/ü.cls", b"3"), ("z" * 120 + ".jpg", b"\xff" * 700), ("a/z.cls", b"")]
+    if tar_format == tarfile.USTAR_FORMAT:  # ustar has neither long final components nor UTF-8 headers
+        members = members[:4]
+    for suffix, mode in ((".tar", "w"), (".tar.gz", "w:gz")):
+        path = tmp_path / f"mixed{suffix}"
+        with tarfile.open(path, mode, format=tar_format) as tar:
+            directory = tarfile.TarInfo("a")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as stream:
+            assert list(iter_members(stream, str(path))) == _tarfile_listing(path) == members
+
+
+def test_tar_members_reject_cuts_and_bad_headers(tmp_path: Path) -> None:
+    path = write_shards(tmp_path, sizes=(3,), manifest=False)[0]
+    data = Path(path).read_bytes()
+    expected = _tarfile_listing(Path(path))
+    assert list(iter_members(io.BytesIO(data), path)) == expected
+    ends = [i for i in range(512, len(data), 512) if data[i : i + 512] == bytes(512)]
+    for cut in (ends[0], ends[0] + 512, len(data) // 2, 700):  # at the end marker, in it, in a member
+        with pytest.raises(tarfile.ReadError):
+            list(iter_members(io.BytesIO(data[:cut]), path))
+    flipped = bytearray(data)
+    flipped[1024 + 10] ^= 0xFF  # the second member's name: its checksum no longer matches
+    with pytest.raises(tarfile.ReadError):
+        list(iter_members(io.BytesIO(bytes(flipped)), path))

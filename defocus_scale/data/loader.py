@@ -6,28 +6,29 @@ receipt, so ``TrainLoader.state_dict()`` describes exactly the batches the train
 whatever the workers have read ahead. A last message per worker carries its end-of-epoch state (with
 ``drop_last``, the final partial batch counts as consumed).
 
-Augmentation is seeded per sample from (seed, epoch, key, view), so a sample's views do not
-depend on which worker, rank or restart produced them.
+Workers decode and augment each image (crop, flip, RandAugment) into uint8 batches: a quarter of
+float32's bytes to ship. The batch half of the recipe (normalise, random erasing,
+Mixup/CutMix) runs in the main process on the loader's ``device`` as each batch arrives
+(:class:`~defocus_scale.data.transforms.BatchFinisher`). Per-image augmentation is seeded from (seed,
+epoch, key, view), the batch half from (seed, epoch, first key of the batch), so neither depends on which
+worker, rank or restart produced the batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
+import itertools
 import logging
-import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from timm.data.mixup import mixup_target
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .stream import SampleDecodeError, ShardReadError, ShardStream, decode_sample
-from .transforms import eval_transform, mixup_fn, train_transform
+from .stream import SampleDecodeError, ShardReadError, ShardStream, SubstreamReader, decode_sample
+from .transforms import BatchFinisher, eval_transform, seed_global_rngs, seeded_global_rngs, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -37,102 +38,81 @@ def _derived_seed(*words: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _seed_global_rngs(seed: int) -> None:
-    """timm's transforms and Mixup draw from the global random, numpy and torch generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it queues CUDA seeding, slowly
+class _WorkerProgress:
+    """A worker's stream state after a batch. An opaque object: the pin-memory thread leaves it alone
+    (it would walk every list of a dict), and it pickles as is (a JSON round trip costs more)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
 
 
-@contextlib.contextmanager
-def _global_rngs_preserved(enabled: bool) -> Iterator[None]:
-    """Keep the caller's global generators untouched when augmenting in the main process (workers=0)."""
-    if not enabled:
-        yield
-        return
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+class _ShippedImages:
+    """A worker's uint8 batch, pickled inline through the worker's pipe: cheaper than torch's shared-memory
+    handover of a tensor (a fresh segment, and its file descriptor passed over a socket, per batch). The
+    DataLoader's pin-memory thread calls ``pin_memory()`` when batches go to CUDA."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.array = images
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.array)
+
+    def pin_memory(self, device: Any = None) -> torch.Tensor:
+        return self.tensor().pin_memory()
 
 
 class _BatchProducer(IterableDataset):
-    """Runs in each DataLoader worker: read substream ``worker id``, decode, augment, batch, mix."""
+    """Runs in each DataLoader worker: read substream ``worker id``, decode, augment, batch (uint8)."""
 
     def __init__(
-        self,
-        stream: ShardStream,
-        transform: Callable,
-        *,
-        batch_size: int,
-        drop_last: bool,
-        repeats: int,
-        cfg: DataConfig | None,
+        self, stream: ShardStream, transform: Callable, *, batch_size: int, drop_last: bool, repeats: int
     ) -> None:
         self.stream, self.transform = stream, transform
         self.batch_size, self.drop_last, self.repeats = batch_size, drop_last, repeats
-        self.cfg = cfg  # None: no mixup (evaluation)
 
-    def _batch_buffer(self, image: torch.Tensor, in_worker: bool) -> torch.Tensor:
-        shape = (self.batch_size, *image.shape)
-        if not in_worker:
-            return torch.empty(shape, dtype=image.dtype)
-        # The batch goes to the main process through shared memory: allocate it there at once, as
-        # torch's default_collate does (share_memory_() would copy a fresh buffer).
-        storage = image._typed_storage()._new_shared(image.numel() * self.batch_size, device=image.device)
-        return image.new(storage).resize_(shape)
-
-    def _finish(self, images: torch.Tensor, labels: list, keys: list, worker: int, reader, mixer) -> dict:
-        targets = torch.tensor(labels, dtype=torch.int64)
-        if mixer is not None:
-            with _global_rngs_preserved(get_worker_info() is None):
-                _seed_global_rngs(_derived_seed(self.stream.seed, self.stream.epoch, "mix", keys[0]))
-                if len(images) % 2 == 0:
-                    images, targets = mixer(images, targets)
-                else:  # timm mixes pairs; an odd final batch (drop_last=False) gets smoothing only
-                    targets = mixup_target(targets, mixer.num_classes, 1.0, mixer.label_smoothing)
-        return {**self._progress(worker, reader), "images": images, "targets": targets, "keys": keys}
-
-    @staticmethod
-    def _progress(worker: int, reader) -> dict:
-        # The state travels as one JSON string: the DataLoader would otherwise walk every list in it.
-        state = json.dumps(reader.state_dict())
-        return {"worker": worker, "state": state, "bad_shards": sorted(reader.bad_shards)}
+    def _message(self, worker: int, reader: SubstreamReader, **batch: Any) -> dict:
+        return {"worker": worker, "progress": _WorkerProgress(reader.state_dict(compact=True)), **batch}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         reader = self.stream.reader(worker)
-        mixer = mixup_fn(self.cfg) if self.cfg is not None else None
+        seed, epoch = self.stream.seed, self.stream.epoch
         images: torch.Tensor | None = None
         labels: list[int] = []
         keys: list[str] = []
-        for raw in reader:
-            try:
-                sample = decode_sample(raw)
-            except SampleDecodeError as exc:
-                reader.bad_samples += 1
-                logger.warning("skipping %s", exc)
-                continue
-            for view in range(self.repeats):
-                sample_seed = _derived_seed(self.stream.seed, self.stream.epoch, sample["__key__"], view)
-                with _global_rngs_preserved(info is None):
-                    _seed_global_rngs(sample_seed)
-                    image = self.transform(sample["image"])
-                if images is None:
-                    images = self._batch_buffer(image, in_worker=info is not None)
-                images[len(labels)] = image  # now: holding all outputs for one stack costs fresh pages
-                labels.append(sample["label"])
-                keys.append(sample["__key__"])
-                if len(labels) == self.batch_size:
-                    yield self._finish(images, labels, keys, worker, reader, mixer)
-                    images, labels, keys = None, [], []
+        samples = iter(reader)
+        # Read the samples that complete the batch, then decode and augment them: each stage's code and
+        # data stay in cache across the batch. The reader's state when the batch leaves is the same.
+        while chunk := list(itertools.islice(samples, -(-(self.batch_size - len(labels)) // self.repeats))):
+            for raw in chunk:
+                try:
+                    sample = decode_sample(raw)
+                except SampleDecodeError as exc:
+                    reader.bad_samples += 1
+                    logger.warning("skipping %s", exc)
+                    continue
+                key = sample["__key__"]
+                for view in range(self.repeats):
+                    if info is None:  # in the main process: spare the caller's generators
+                        with seeded_global_rngs(_derived_seed(seed, epoch, key, view)):
+                            image = self.transform(sample["image"])
+                    else:
+                        seed_global_rngs(_derived_seed(seed, epoch, key, view))
+                        image = self.transform(sample["image"])
+                    if images is None:
+                        images = np.empty((self.batch_size, *image.shape), dtype=np.uint8)
+                    images[len(labels)] = image.numpy()  # numpy's strided copy costs less than torch's
+                    labels.append(sample["label"])
+                    keys.append(key)
+                    if len(labels) == self.batch_size:
+                        yield self._message(worker, reader, images=_ShippedImages(images), labels=labels,
+                                            keys=keys)
+                        images, labels, keys = None, [], []
         if labels and not self.drop_last:
-            yield self._finish(images[: len(labels)], labels, keys, worker, reader, mixer)
-        yield self._progress(worker, reader)
+            yield self._message(worker, reader, images=_ShippedImages(images[: len(labels)]),
+                                labels=labels, keys=keys)
+        yield self._message(worker, reader)
 
 
 def _as_is(message: dict) -> dict:
@@ -142,8 +122,12 @@ def _as_is(message: dict) -> dict:
 class _StreamBatches:
     """Iterating runs a fresh DataLoader over the stream's current state and records each receipt."""
 
-    def __init__(self, stream: ShardStream, producer: _BatchProducer, cfg: DataConfig) -> None:
-        self.stream, self.producer, self.cfg = stream, producer, cfg
+    def __init__(
+        self, stream: ShardStream, producer: _BatchProducer, cfg: DataConfig, finisher: BatchFinisher,
+        device: torch.device | str | None,
+    ) -> None:
+        self.stream, self.producer, self.cfg, self.finisher = stream, producer, cfg, finisher
+        self.device = torch.device(device if device is not None else "cpu")
 
     def _dataloader(self) -> DataLoader:
         for i in range(self.stream.num_substreams):  # workers start from the recorded states
@@ -153,25 +137,36 @@ class _StreamBatches:
             self.producer,
             batch_size=None,
             num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and self.device.type == "cuda",
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             generator=torch.Generator().manual_seed(_derived_seed(self.stream.seed, self.stream.epoch)),
             collate_fn=_as_is,
         )
 
-    def batches_with_keys(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """Like iterating, plus each batch's sample keys (one per view): for audits and debugging."""
+    def raw_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """``(uint8 images (B, 3, S, S), int64 labels, keys)`` as the workers made them: augmented per
+        image, not yet normalised, erased or mixed. Receipts are recorded as for iterating."""
         bad = self.stream.bad_shards()
         for message in self._dataloader():
-            self.stream.set_substream_state(message["worker"], message["state"])
-            bad.update(message["bad_shards"])
+            progress = message["progress"].state
+            self.stream.set_substream_state(message["worker"], progress)
+            bad.update(progress["bad_shards"])
             if len(bad) > self.stream.max_bad_fraction * len(self.stream.shards):
                 raise ShardReadError(
                     f"{len(bad)} of {len(self.stream.shards)} shards are missing or corrupt, more than "
                     f"max_bad_fraction={self.stream.max_bad_fraction}: {', '.join(sorted(bad))}"
                 )
-            if "images" in message:
-                yield message["images"], message["targets"], message["keys"]
+            if "images" in message:  # labels travel as a list: a tensor would cost a shared-memory handover
+                images = message["images"]  # pinned by the DataLoader, or still as shipped
+                images = images if isinstance(images, torch.Tensor) else images.tensor()
+                yield images, torch.tensor(message["labels"], dtype=torch.int64), message["keys"]
+
+    def batches_with_keys(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Like iterating, plus each batch's sample keys (one per view): for audits and debugging."""
+        seed, epoch = self.stream.seed, self.stream.epoch
+        for images, labels, keys in self.raw_batches():
+            batch_seed = _derived_seed(seed, epoch, "batch", keys[0])  # the same whoever made the batch
+            yield (*self.finisher(images, labels, seed=batch_seed, device=self.device), keys)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, targets, _ in self.batches_with_keys():
@@ -203,13 +198,18 @@ class _StreamBatches:
 
 
 class TrainLoader(_StreamBatches):
-    """Yields ``(images (B,3,S,S) float32, targets)``: int64 (B,), or soft (B, classes) under Mixup/CutMix.
+    """Yields ``(images (B,3,S,S) float32, targets)`` on ``device``: targets int64 (B,), or soft
+    (B, classes) under Mixup/CutMix. Workers ship uint8 batches; normalisation, random erasing and
+    Mixup/CutMix run on ``device`` as they arrive (pass the training device: there they cost little).
 
     ``state_dict()`` is small and JSON-able; ``load_state_dict(states of all old ranks)`` resumes this
     rank of any new world size or worker count with every source sample of the epoch delivered once.
     """
 
-    def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, epoch: int = 0) -> None:
+    def __init__(
+        self, cfg: DataConfig, *, rank: int, world_size: int, seed: int, epoch: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
         stream = ShardStream(
             cfg.source,
             rank=rank,
@@ -223,14 +223,10 @@ class TrainLoader(_StreamBatches):
             num_substreams=max(1, cfg.workers),
         )
         producer = _BatchProducer(
-            stream,
-            train_transform(cfg),
-            batch_size=cfg.batch_size,
-            drop_last=cfg.drop_last,
+            stream, train_transform(cfg), batch_size=cfg.batch_size, drop_last=cfg.drop_last,
             repeats=cfg.repeated_aug,
-            cfg=cfg,
         )
-        super().__init__(stream, producer, cfg)
+        super().__init__(stream, producer, cfg, BatchFinisher(cfg, train=True), device)
 
     @property
     def epoch(self) -> int:
@@ -248,16 +244,21 @@ class TrainLoader(_StreamBatches):
 
 
 def build_train_loader(
-    cfg: DataConfig, *, rank: int, world_size: int, seed: int, epoch: int = 0
+    cfg: DataConfig, *, rank: int, world_size: int, seed: int, epoch: int = 0,
+    device: torch.device | str | None = None,
 ) -> TrainLoader:
-    return TrainLoader(cfg, rank=rank, world_size=world_size, seed=seed, epoch=epoch)
+    """Training batches of this rank; ``device`` (default CPU) is where they are normalised and mixed."""
+    return TrainLoader(cfg, rank=rank, world_size=world_size, seed=seed, epoch=epoch, device=device)
 
 
 class EvalLoader(_StreamBatches):
-    """Yields ``(images, labels int64)``; ranks together cover every eval sample once, without padding."""
+    """Yields ``(images float32, labels int64)`` on ``device``; ranks together cover every eval sample
+    once, without padding."""
 
 
-def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int) -> EvalLoader:
+def build_eval_loader(
+    cfg: DataConfig, *, rank: int, world_size: int, device: torch.device | str | None = None
+) -> EvalLoader:
     if cfg.eval_source is None:
         raise ValueError("build_eval_loader: DataConfig.eval_source is not set")
     stream = ShardStream(
@@ -270,11 +271,7 @@ def build_eval_loader(cfg: DataConfig, *, rank: int, world_size: int) -> EvalLoa
         num_substreams=max(1, cfg.workers),
     )
     producer = _BatchProducer(
-        stream,
-        eval_transform(cfg),
-        batch_size=cfg.eval_batch_size or cfg.batch_size,
-        drop_last=False,
+        stream, eval_transform(cfg), batch_size=cfg.eval_batch_size or cfg.batch_size, drop_last=False,
         repeats=1,
-        cfg=None,
     )
-    return EvalLoader(stream, producer, cfg)
+    return EvalLoader(stream, producer, cfg, BatchFinisher(cfg, train=False), device)

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,11 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.utils.data
-import webdataset as wds
 from PIL import Image
-from webdataset.gopen import gopen_schemes
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
+
+from .tar_reader import iter_shard, open_url
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +62,6 @@ class Shard:
 
 def _is_local(url: str) -> bool:
     return urlparse(url).scheme in ("", "file")
-
-
-def open_url(url: str) -> Any:
-    """A readable binary stream: local paths and webdataset's schemes (pipe:, http, gs, ...), else fsspec."""
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file") or scheme in gopen_schemes:
-        return wds.gopen(url)
-    import fsspec  # object stores (s3://, az://, ...) through their fsspec drivers
-
-    return fsspec.open(url, "rb").open()
 
 
 def _shards_from_manifest(manifest: str) -> list[Shard]:
@@ -121,79 +109,17 @@ def shard_fingerprint(shards: Sequence[Shard]) -> str:
     return hashlib.sha1(names.encode()).hexdigest()[:16]
 
 
-class _CountingReader:
-    """Counts the bytes read from a stream (tarfile cannot tell a clean end from a cut inside a header)."""
-
-    def __init__(self, raw: Any) -> None:
-        self.raw, self.count = raw, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.count += len(data)
-        return data
-
-
-def _iter_members(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
-    """``(name, data)`` of a tar's regular files; raises on a truncated or corrupt archive."""
-    counted = _CountingReader(stream)
-    end = 0
-    with tarfile.open(fileobj=counted, mode="r|*") as tar:
-        for info in tar:
-            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            if info.isreg():
-                yield info.name, tar.extractfile(info).read()
-            tar.members = []  # streaming: keep no history
-        compressed = tar.fileobj.comptype != "tar"
-    while counted.read(1 << 16):
-        pass
-    if not compressed and counted.count < end + 2 * tarfile.BLOCKSIZE:
-        raise tarfile.ReadError(f"{url} lacks the end-of-archive marker after byte {end} (truncated)")
-
-
-def iter_shard(url: str, start: int = 0, stop: int | None = None, picks: Sequence[int] | None = None):
-    """Yield ``(index, raw sample)`` for the samples of a tar with ``start <= index < stop`` (and in picks).
-
-    A sample is a run of consecutive members sharing a key; earlier samples are skipped undecoded.
-    """
-    wanted = set(picks) if picks is not None else None
-    if picks is not None:
-        stop = max(picks) + 1 if picks else start
-    stream = open_url(url)
-    try:
-        index, key, sample = -1, None, None
-        for name, data in _iter_members(stream, url):
-            member_key, extension = base_plus_ext(name)
-            if member_key is None or os.path.basename(member_key).startswith("__"):
-                continue  # not a sample member (webdataset's metadata convention)
-            if member_key != key:
-                if sample is not None:
-                    yield index, sample
-                index, key = index + 1, member_key
-                if stop is not None and index >= stop:
-                    return
-                keep = index >= start and (wanted is None or index in wanted)
-                sample = {"__key__": member_key} if keep else None
-            if sample is not None:
-                sample[extension.lower()] = data
-        if sample is not None:
-            yield index, sample
-    finally:
-        try:
-            stream.close()
-        except Exception:  # a pipe: reader closed early reports its killed child; nothing is lost
-            pass
-
-
 def decode_sample(raw: dict[str, Any], decode: bool = True) -> dict[str, Any]:
     """``{"__key__", "__url__", "__shard__", "__index__", "label", "image" | <ext>: bytes}``."""
     extension = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-    where = f"sample {raw['__key__']!r} of {raw.get('__url__')}"
     if extension is None or "cls" not in raw:
-        raise SampleDecodeError(f"{where} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .cls member")
+        raise SampleDecodeError(
+            f"{_where(raw)} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .cls member"
+        )
     try:
-        label = int(raw["cls"].decode().strip())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SampleDecodeError(f"{where}: unreadable label {raw['cls'][:20]!r}") from exc
+        label = int(raw["cls"])  # int() takes ASCII digits as bytes, with surrounding whitespace
+    except ValueError as exc:
+        raise SampleDecodeError(f"{_where(raw)}: unreadable label {raw['cls'][:20]!r}") from exc
     sample = {k: raw[k] for k in ("__key__", "__url__", "__shard__", "__index__")}
     sample["label"] = label
     if not decode:
@@ -203,8 +129,12 @@ def decode_sample(raw: dict[str, Any], decode: bool = True) -> dict[str, Any]:
         with Image.open(io.BytesIO(raw[extension])) as image:
             sample["image"] = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise SampleDecodeError(f"{where}: image does not decode ({exc})") from exc
+        raise SampleDecodeError(f"{_where(raw)}: image does not decode ({exc})") from exc
     return sample
+
+
+def _where(raw: dict[str, Any]) -> str:
+    return f"sample {raw['__key__']!r} of {raw.get('__url__')}"
 
 
 # ----------------------------------------------------------------------------- work units
@@ -330,19 +260,23 @@ class SubstreamReader:
         self.open: list[list] = [[WorkUnit.from_json(e), int(e[4]), None] for e in state["open"]]
         self.unfilled: list[tuple[int, int]] = [(int(s), int(i)) for s, i in state["buffered"]]
         self.buffer: list[dict] = []
+        self.buffer_ids: list[int] = []  # (shard << 32) | index of each buffered sample, for state_dict
         self.rng = np.random.Generator(np.random.PCG64())
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.delivered = int(state["delivered"])
         self.bad_shards = set(state["bad_shards"])
         self.bad_samples = int(state["bad_samples"])
 
-    def state_dict(self) -> dict:
-        buffered = [[s["__shard__"], s["__index__"]] for s in self.buffer] + [list(i) for i in self.unfilled]
+    def state_dict(self, compact: bool = False) -> dict:
+        """What is left, JSON-able; ``compact``: "buffered" as an int (n, 2) array (cheaper to send)."""
+        ids = np.array(self.buffer_ids, dtype=np.int64)
+        buffered = np.concatenate([np.stack([ids >> 32, ids & 0xFFFFFFFF], axis=1),
+                                   np.array(self.unfilled, dtype=np.int64).reshape(-1, 2)])
         return {
             "pending": [u.to_json() for u in self.pending],
             "open": [[*unit.to_json(), position] for unit, position, _ in self.open],
-            "buffered": buffered,
-            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "buffered": buffered if compact else buffered.tolist(),
+            "rng": self.rng.bit_generator.state,  # a fresh dict each time
             "delivered": self.delivered,
             "bad_shards": sorted(self.bad_shards),
             "bad_samples": self.bad_samples,
@@ -381,6 +315,7 @@ class SubstreamReader:
             if lost and self.shards[shard].url not in self.bad_shards:
                 self._shard_failed(shard, f"buffered sample(s) {lost[:5]} no longer in the shard")
         self.buffer = [found[i] for i in self.unfilled if i in found]
+        self.buffer_ids = [shard << 32 | index for shard, index in self.unfilled if (shard, index) in found]
         self.unfilled = []
 
     def _read(self, slot: int) -> dict | None:
@@ -404,13 +339,15 @@ class SubstreamReader:
             self._shard_failed(unit.shard, f"{type(exc).__name__}: {exc}")
             return None
         self.open[slot][1] = index + 1
-        if unit.after(index + 1) is None:  # a known end: close now, not at a later read attempt
+        end = unit.picks[-1] + 1 if unit.picks is not None else unit.stop
+        if end is not None and index + 1 >= end:  # a known end: close now, not at a later read attempt
             iterator.close()
             del self.open[slot]
         return self._tag(unit.shard, index, raw)
 
     def _choice(self, n: int) -> int:
-        return int(self.rng.integers(n)) if self.shuffle and n > 1 else 0
+        # Raw 64-bit draws modulo n: a tenth of Generator.integers' call cost, bias below 2**-50.
+        return self.rng.bit_generator.random_raw() % n if self.shuffle and n > 1 else 0
 
     def __iter__(self) -> Iterator[dict]:
         if self.unfilled:
@@ -422,12 +359,14 @@ class SubstreamReader:
                 raw = self._read(self._choice(len(self.open)))
                 if raw is not None:
                     self.buffer.append(raw)
+                    self.buffer_ids.append(raw["__shard__"] << 32 | raw["__index__"])
                 continue
             if self.buffer:
                 slot = self._choice(len(self.buffer))
                 raw = self.buffer[slot]
-                self.buffer[slot] = self.buffer[-1]
+                self.buffer[slot], self.buffer_ids[slot] = self.buffer[-1], self.buffer_ids[-1]
                 self.buffer.pop()
+                self.buffer_ids.pop()
             elif self.open:
                 raw = self._read(self._choice(len(self.open)))
                 if raw is None:
@@ -500,10 +439,15 @@ class ShardStream:
         live, stored = self._live[i], self._substreams[i]
         if live is not None:
             return live.state_dict()
-        return json.loads(stored) if isinstance(stored, str) else copy.deepcopy(stored)
+        if isinstance(stored, str):
+            return json.loads(stored)
+        state = copy.deepcopy(stored)
+        if isinstance(state["buffered"], np.ndarray):  # a compact state, as DataLoader workers send it
+            state["buffered"] = state["buffered"].tolist()
+        return state
 
     def set_substream_state(self, i: int, state: dict | str) -> None:
-        """Record substream ``i``'s progress (a state dict, or it as JSON, as DataLoader workers send it)."""
+        """Record substream ``i``'s progress (a state dict, compact or not, or it as JSON)."""
         self._substreams[i] = state
         self._live[i] = None
 

@@ -60,8 +60,8 @@ class TrainLoaderLike(Protocol):
     def load_state_dict(self, states: list[dict]) -> None: ...
 
 
-TrainLoaderFactory = Callable[..., TrainLoaderLike]  # (cfg, *, rank, world_size, seed, epoch)
-EvalLoaderFactory = Callable[..., Any]  # (cfg, *, rank, world_size) -> iterable of (images, labels)
+TrainLoaderFactory = Callable[..., TrainLoaderLike]  # (cfg, *, rank, world_size, seed, epoch, device)
+EvalLoaderFactory = Callable[..., Any]  # (cfg, *, rank, world_size, device) -> (images, labels)...
 
 
 class TrainingHooks(Protocol):
@@ -257,8 +257,8 @@ def train(
         if ema is not None:
             ema = state.ema = ShardedEMA(model, trainer.ema_decay)
     train_loader = train_loader_factory(
-        data_cfg, rank=env.rank, world_size=env.world_size, seed=trainer.seed, epoch=epoch
-    )
+        data_cfg, rank=env.rank, world_size=env.world_size, seed=trainer.seed, epoch=epoch, device=env.device
+    )  # batches arrive normalised (and mixed) on env.device: the workers ship uint8
     if loader_states is not None:
         train_loader.load_state_dict(loader_states)
     if hooks is not None:
@@ -415,7 +415,7 @@ def _run_eval(
     results: dict[str, float] = {}
     variants = [("eval", None)] + ([("eval_ema", ema)] if ema is not None else [])
     for prefix, averaged in variants:
-        loader = factory(data_cfg, rank=env.rank, world_size=env.world_size)
+        loader = factory(data_cfg, rank=env.rank, world_size=env.world_size, device=env.device)
         if averaged is None:
             scores = evaluate(model, loader, env, cfg.data.image_size, cfg.trainer.max_eval_batches)
         else:
