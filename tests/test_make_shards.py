@@ -22,6 +22,7 @@ from defocus_scale.data.synthetic import synthetic_image
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HYMENOPTERA_TRAIN = SHARED_DATA / "hymenoptera" / "train"
 MNIST_PARQUET = SHARED_DATA / "mnist-test.parquet"
+CIFAR_TRAIN = SHARED_DATA / "cifar10-subset" / "train"
 
 
 def read_shards(out_dir: Path) -> dict[str, dict[str, bytes]]:
@@ -312,3 +313,24 @@ def test_cli_writes_shards_and_reports_a_missing_source(tmp_path, capsys):
     assert "source not found" in capsys.readouterr().err
     assert main(["make-shards", "synthetic", str(out_dir), "--synthetic-samples", "5"]) == 1
     assert "overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CIFAR_TRAIN.is_dir(), reason="../shared/data/cifar10-subset is absent")
+def test_image_folder_shards_mix_the_classes(tmp_path):
+    """A class-by-class ImageFolder walk, written in seeded random order: every shard holds (nearly) every
+    class, the same seed gives the same shards byte for byte, and keys do not depend on the seed."""
+    make_shards(CIFAR_TRAIN, tmp_path / "a", samples_per_shard=512, progress=False)
+    make_shards(CIFAR_TRAIN, tmp_path / "b", samples_per_shard=512, progress=False)
+    make_shards(CIFAR_TRAIN, tmp_path / "c", samples_per_shard=512, progress=False, shuffle_seed=1)
+    make_shards(CIFAR_TRAIN, tmp_path / "sorted", samples_per_shard=512, progress=False, shuffle_seed=None)
+    manifest = read_manifest(tmp_path / "a")
+    for row in manifest.to_pylist():
+        present = sum(1 for count in row["class_counts"] if count > 0)
+        assert present >= 8, row["shard"]
+    sorted_rows = read_manifest(tmp_path / "sorted").to_pylist()
+    assert min(sum(1 for c in row["class_counts"] if c > 0) for row in sorted_rows) <= 2  # the old layout
+    for shard in sorted((tmp_path / "a").glob("*.tar")):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+    keys = {seed: {key: sample for key, sample in read_shards(tmp_path / seed).items()} for seed in "ac"}
+    assert keys["a"].keys() == keys["c"].keys() and len(keys["a"]) == 5085
+    assert all(keys["a"][k] == keys["c"][k] for k in keys["a"])  # a key names the same image and label

@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import re
 import sys
 from collections.abc import Iterator
@@ -116,7 +117,7 @@ def _safe_key(text: str) -> str:
 # ---------------------------------------------------------------- planning
 
 
-def _plan_folder(root: Path, samples_per_shard: int) -> _Plan:
+def _plan_folder(root: Path, samples_per_shard: int, shuffle_seed: int | None) -> _Plan:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class folders (expected an ImageFolder tree: <class>/<image>)")
@@ -133,6 +134,11 @@ def _plan_folder(root: Path, samples_per_shard: int) -> _Plan:
                     key = f"{key[:70]}_{len(items)}"
                 keys.add(key)
                 items.append(_FileItem(str(Path(dirpath, filename)), relative, key, label))
+    if shuffle_seed is not None:
+        # An ImageFolder walk is class by class: unshuffled, each shard would hold one or two classes and a
+        # reader's bounded shuffle (a few open shards, a buffer) would give single-class batches. Keys name
+        # the source file, so they do not depend on the seed.
+        random.Random(shuffle_seed).shuffle(items)
     chunks = [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
     return _Plan(chunks, classes, len(items), skipped)  # type: ignore[arg-type]
 
@@ -181,7 +187,8 @@ def _plan_synthetic(samples: int, num_classes: int, samples_per_shard: int) -> _
 
 
 def _plan(
-    source: str | Path, samples_per_shard: int, synthetic_samples: int, synthetic_classes: int
+    source: str | Path, samples_per_shard: int, synthetic_samples: int, synthetic_classes: int,
+    shuffle_seed: int | None = 0,
 ) -> _Plan:
     if str(source) == SYNTHETIC:
         return _plan_synthetic(synthetic_samples, synthetic_classes, samples_per_shard)
@@ -192,7 +199,7 @@ def _plan(
         parquet_files = sorted(path.rglob("*.parquet"))
         if parquet_files:
             return _plan_parquet(parquet_files, samples_per_shard)
-        return _plan_folder(path, samples_per_shard)
+        return _plan_folder(path, samples_per_shard, shuffle_seed)
     if glob.has_magic(str(source)):
         matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
         if matches:
@@ -450,13 +457,16 @@ def make_shards(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    shuffle_seed: int | None = 0,
 ) -> ShardSummary:
     """Write ``source`` as WebDataset shards plus ``manifest.parquet`` and ``classes.json`` in ``out_dir``.
 
     ``image_format`` (jpg, png or webp) re-encodes images not already in it; ``resize`` scales the
     shorter side to that many pixels (re-encoding). A sample larger than ``max_shard_bytes`` gets a shard
-    of its own. Existing shards of ``prefix`` or a manifest in ``out_dir`` are an error unless
-    ``overwrite``."""
+    of its own. An ImageFolder tree is written in a random order drawn from ``shuffle_seed`` (None: the
+    tree's sorted order), so that every shard mixes the classes; Parquet rows keep their order (they are
+    streamed by row group) and synthetic samples are mixed by construction. Existing shards of ``prefix``
+    or a manifest in ``out_dir`` are an error unless ``overwrite``."""
     if image_format is not None:
         image_format = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
         if image_format not in FORMAT_OF_EXTENSION:
@@ -472,7 +482,7 @@ def make_shards(
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"prefix may hold only letters, digits, '_' and '-'; got {prefix!r}")
 
-    plan = _plan(source, samples_per_shard, synthetic_samples, synthetic_classes)
+    plan = _plan(source, samples_per_shard, synthetic_samples, synthetic_classes, shuffle_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = _existing_outputs(out_dir, prefix)
@@ -564,6 +574,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--synthetic-classes", type=int, default=10)
     parser.add_argument("--synthetic-image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic generator")
+    parser.add_argument("--shuffle-seed", type=int, default=0,
+                        help="order in which an ImageFolder tree's images are written (mixes classes)")
+    parser.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
+                        help="write an ImageFolder tree in its sorted (class-by-class) order")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=_main)
@@ -576,7 +590,7 @@ def _main(args: argparse.Namespace) -> int:
             max_shard_bytes=args.max_shard_bytes, workers=args.workers, prefix=args.prefix,
             image_format=args.image_format, resize=args.resize, synthetic_samples=args.synthetic_samples,
             synthetic_classes=args.synthetic_classes, synthetic_image_size=args.synthetic_image_size,
-            seed=args.seed, progress=args.progress, overwrite=args.overwrite,
+            seed=args.seed, progress=args.progress, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"defocus-scale make-shards: error: {exc}", file=sys.stderr)
