@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -334,3 +335,49 @@ def test_image_folder_shards_mix_the_classes(tmp_path):
     keys = {seed: {key: sample for key, sample in read_shards(tmp_path / seed).items()} for seed in "ac"}
     assert keys["a"].keys() == keys["c"].keys() and len(keys["a"]) == 5085
     assert all(keys["a"][k] == keys["c"][k] for k in keys["a"])  # a key names the same image and label
+
+
+def classes_per_shard(out_dir: Path) -> list[int]:
+    return [sum(1 for c in row["class_counts"] if c > 0) for row in read_manifest(out_dir).to_pylist()]
+
+
+@pytest.mark.skipif(not MNIST_PARQUET.is_file(), reason="../shared/data/mnist-test.parquet is absent")
+def test_label_sorted_parquet_shards_mix_the_classes(tmp_path):
+    """Parquet is shuffled by row group windows: shards of a label-sorted table mix the classes, the same
+    seed gives the same bytes (whatever the number of workers), and keys name the same rows."""
+    table = pq.read_table(MNIST_PARQUET).slice(0, 2000)
+    table = table.take(pc.sort_indices(table, [("label", "ascending")]))
+    (tmp_path / "src").mkdir()
+    for index, start in enumerate((0, 1000)):  # two files of 50-row groups, each group a single class
+        pq.write_table(table.slice(start, 1000), tmp_path / "src" / f"part{index}.parquet", row_group_size=50)
+    runs = {"a": {}, "b": {"workers": 2}, "c": {"shuffle_seed": 5}, "sorted": {"shuffle_seed": None}}
+    for name, kwargs in runs.items():
+        summary = make_shards(tmp_path / "src", tmp_path / name, samples_per_shard=100, progress=False,
+                              **kwargs)  # fmt: skip
+        assert (summary.samples, summary.skipped) == (2000, [])
+        check_manifest_matches_shards(tmp_path / name)
+    assert min(classes_per_shard(tmp_path / "a")) >= 7
+    assert min(classes_per_shard(tmp_path / "sorted")) == 1  # the source order, one class per shard
+    assert read_manifest(tmp_path / "a").equals(read_manifest(tmp_path / "b"))
+    for shard in read_manifest(tmp_path / "a").column("shard").to_pylist():
+        assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
+    samples = {name: read_shards(tmp_path / name) for name in ("a", "c", "sorted")}
+    assert samples["a"] == samples["c"] == samples["sorted"]  # same keys, each the same image and label
+    assert samples["sorted"]["part1_00000999"]["png"] == table.column("image")[1999].as_py()["bytes"]
+
+
+def test_synthetic_shards_are_shuffled_with_stable_keys(tmp_path):
+    kwargs = dict(samples_per_shard=10, synthetic_samples=30, synthetic_image_size=8, progress=False)
+    make_shards("synthetic", tmp_path / "a", shuffle_seed=3, **kwargs)
+    make_shards("synthetic", tmp_path / "b", shuffle_seed=3, **kwargs)
+    make_shards("synthetic", tmp_path / "sorted", shuffle_seed=None, **kwargs)
+    with tarfile.open(tmp_path / "sorted" / "train-000000.tar") as tar:
+        first_keys = {m.name.split(".")[0] for m in tar.getmembers()}
+    assert first_keys == {f"synthetic_{i:08d}" for i in range(10)}
+    with tarfile.open(tmp_path / "a" / "train-000000.tar") as tar:
+        assert {m.name.split(".")[0] for m in tar.getmembers()} != first_keys
+    for shard in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
+        assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
+    assert read_shards(tmp_path / "a") == read_shards(tmp_path / "sorted")
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        make_shards("synthetic", tmp_path / "neg", shuffle_seed=-1, **kwargs)

@@ -303,3 +303,21 @@ def test_tar_members_reject_cuts_and_bad_headers(tmp_path: Path) -> None:
     flipped[1024 + 10] ^= 0xFF  # the second member's name: its checksum no longer matches
     with pytest.raises(tarfile.ReadError):
         list(iter_members(io.BytesIO(bytes(flipped)), path))
+
+
+def test_shards_written_in_class_order_are_warned_about(tmp_path: Path, caplog) -> None:
+    mixed = tmp_path / "mixed"
+    write_shards(mixed, (9, 9, 9))  # labels cycle within every shard
+    with caplog.at_level(logging.WARNING, logger="defocus_scale.data.stream"):
+        open_stream(mixed, rank=0, world_size=1, seed=0)
+    assert "few classes" not in caplog.text
+    sorted_dir = tmp_path / "sorted"
+    write_shards(sorted_dir, (9, 9, 9))
+    table = pq.read_table(sorted_dir / "manifest.parquet")  # a manifest saying: one class per shard
+    counts = pa.array([[9, 0, 0], [0, 9, 0], [0, 0, 9]], type=pa.list_(pa.int64()))
+    pq.write_table(table.set_column(3, "class_counts", counts), sorted_dir / "manifest.parquet")
+    with caplog.at_level(logging.WARNING, logger="defocus_scale.data.stream"):
+        stream = open_stream(sorted_dir, rank=0, world_size=1, seed=0)
+    assert "3 of 3 shards checked" in caplog.text and "few classes" in caplog.text
+    assert all(f"shard-{i:06d}.tar: 1 of ~3" in caplog.text for i in range(3))
+    assert sorted(_run(stream)) == sorted(all_keys((9, 9, 9)))  # only a warning: reading goes on

@@ -6,12 +6,14 @@ Sources: an ImageFolder tree (``class/…/file``), Parquet files in the Hugging 
 ``{key}.{jpg|png|webp}`` (the original bytes unless a format or a resize is asked for) and ``{key}.cls``,
 plus ``manifest.parquet`` and ``classes.json``.
 
-The source is cut into chunks of at most ``samples_per_shard`` items; one worker process writes a whole
-chunk into one shard, or several when the byte bound cuts it. Each shard is written under a hidden
-temporary name and renamed into place (in source order, so shard numbers do not depend on the number of
+By default the items are written in a seeded random order (``--shuffle-seed``, default 0), so that every
+shard mixes the classes; ``--no-shuffle`` keeps the source order (see ``shard_sources`` for how Parquet,
+read streaming by row group, is mixed). The source is cut into chunks; one worker process writes a whole
+chunk into one shard, or several (a Parquet window; the byte bound). Each shard is written under a hidden
+temporary name and renamed into place (in chunk order, so shard numbers do not depend on the number of
 workers): a shard is complete or absent. Keys come from the source (file path, Parquet row, synthetic
-index), so they are stable across runs. Items that are not usable images or lack a usable label are
-skipped, counted and named, never fatal.
+index), so they are stable across runs and seeds. Items that are not usable images or lack a usable
+label are skipped, counted and named, never fatal.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import argparse
 import contextlib
 import glob
 import io
-import json
 import math
 import multiprocessing
 import os
-import random
 import re
 import sys
 from collections.abc import Iterator
@@ -32,7 +32,6 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -51,31 +50,21 @@ from defocus_scale.data.manifest import (
     write_manifest,
     write_skipped,
 )
-from defocus_scale.data.synthetic import synthetic_image
+from defocus_scale.data.shard_sources import (
+    SYNTHETIC,
+    ChunkPart,
+    Plan,
+    Skip,
+    SyntheticOptions,
+    plan_source,
+    read_chunk,
+)
 
 __all__ = ["ShardSummary", "make_shards", "read_classes", "read_manifest", "register"]
 
-SYNTHETIC = "synthetic"
 EXTENSION_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # accepted input formats
 FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in EXTENSION_OF_FORMAT.items()}
 _TAR_BLOCK, _TAR_RECORD = 512, 10240  # tarfile pads members to blocks and the archive to records
-
-
-@dataclass(frozen=True)
-class _FileItem:
-    path: str
-    name: str  # path relative to the source root, for messages
-    key: str
-    label: int
-
-
-@dataclass(frozen=True)
-class _RowRange:
-    """Rows ``start .. stop - 1`` of a Parquet file (or of the synthetic index space when path is None)."""
-
-    path: str | None
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -84,17 +73,7 @@ class _Options:
     resize: int | None
     max_shard_bytes: int
     num_classes: int | None  # known up front: labels outside it are skipped
-    synthetic_classes: int
-    synthetic_image_size: int
-    seed: int
-
-
-@dataclass
-class _Plan:
-    chunks: list[list[_FileItem | _RowRange]]
-    classes: list[str] | None  # None: named after the labels seen
-    items: int
-    skipped: list[tuple[str, str]]
+    synthetic: SyntheticOptions
 
 
 @dataclass
@@ -105,174 +84,7 @@ class _ChunkResult:
     skipped: list[tuple[str, str]]
 
 
-class _Skip(Exception):
-    """A source item that cannot be written; the message is the reason."""
-
-
-def _safe_key(text: str) -> str:
-    # WebDataset splits a member name at the first dot of its base name, and USTAR names are short.
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:80]
-
-
-# ---------------------------------------------------------------- planning
-
-
-def _plan_folder(root: Path, samples_per_shard: int, shuffle_seed: int | None) -> _Plan:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root} has no class folders (expected an ImageFolder tree: <class>/<image>)")
-    skipped = [(p.name, "not inside a class folder") for p in sorted(root.iterdir()) if p.is_file()]
-    items: list[_FileItem] = []
-    keys: set[str] = set()
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                relative = Path(dirpath, filename).relative_to(root).as_posix()
-                key = _safe_key(relative.rsplit(".", 1)[0])
-                if key in keys:  # two names that differ only in characters a key cannot hold
-                    key = f"{key[:70]}_{len(items)}"
-                keys.add(key)
-                items.append(_FileItem(str(Path(dirpath, filename)), relative, key, label))
-    if shuffle_seed is not None:
-        # An ImageFolder walk is class by class: unshuffled, each shard would hold one or two classes and a
-        # reader's bounded shuffle (a few open shards, a buffer) would give single-class batches. Keys name
-        # the source file, so they do not depend on the seed.
-        random.Random(shuffle_seed).shuffle(items)
-    chunks = [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
-    return _Plan(chunks, classes, len(items), skipped)  # type: ignore[arg-type]
-
-
-def _parquet_class_names(schema_metadata: dict[bytes, bytes] | None) -> list[str] | None:
-    """The ClassLabel names the Hugging Face datasets library stores in the schema metadata, if any."""
-    try:
-        info = json.loads((schema_metadata or {})[b"huggingface"])
-        names = info["info"]["features"]["label"]["names"]
-    except (KeyError, TypeError, ValueError):
-        return None
-    return [str(n) for n in names] if isinstance(names, list) and names else None
-
-
-def _plan_parquet(files: list[Path], samples_per_shard: int) -> _Plan:
-    chunks: list[list[_FileItem | _RowRange]] = [[]]
-    filled, total, classes = 0, 0, None
-    for path in files:
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-            raise ValueError(f"cannot read {path} as Parquet: {exc}") from exc
-        missing = {"image", "label"} - set(parquet.schema_arrow.names)
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))} of the Hugging Face "
-                             "image layout (image: struct<bytes, path>, label: int)")  # fmt: skip
-        classes = classes or _parquet_class_names(parquet.schema_arrow.metadata)
-        rows, start = parquet.metadata.num_rows, 0
-        total += rows
-        while start < rows:
-            take = min(samples_per_shard - filled, rows - start)
-            chunks[-1].append(_RowRange(str(path), start, start + take))
-            start, filled = start + take, filled + take
-            if filled == samples_per_shard:
-                chunks.append([])
-                filled = 0
-    return _Plan([c for c in chunks if c], classes, total, [])
-
-
-def _plan_synthetic(samples: int, num_classes: int, samples_per_shard: int) -> _Plan:
-    chunks = [
-        [_RowRange(None, start, min(start + samples_per_shard, samples))]
-        for start in range(0, samples, samples_per_shard)
-    ]
-    return _Plan(chunks, [f"class_{c:03d}" for c in range(num_classes)], samples, [])  # type: ignore[misc]
-
-
-def _plan(
-    source: str | Path, samples_per_shard: int, synthetic_samples: int, synthetic_classes: int,
-    shuffle_seed: int | None = 0,
-) -> _Plan:
-    if str(source) == SYNTHETIC:
-        return _plan_synthetic(synthetic_samples, synthetic_classes, samples_per_shard)
-    path = Path(source)
-    if path.is_file():
-        return _plan_parquet([path], samples_per_shard)
-    if path.is_dir():
-        parquet_files = sorted(path.rglob("*.parquet"))
-        if parquet_files:
-            return _plan_parquet(parquet_files, samples_per_shard)
-        return _plan_folder(path, samples_per_shard, shuffle_seed)
-    if glob.has_magic(str(source)):
-        matches = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
-        if matches:
-            return _plan_parquet(matches, samples_per_shard)
-        raise FileNotFoundError(f"no files match the source pattern {source}")
-    raise FileNotFoundError(
-        f"source not found: {source} (expected an ImageFolder directory, Parquet file(s) or '{SYNTHETIC}')"
-    )
-
-
-# ---------------------------------------------------------------- reading and encoding (worker side)
-
-
-def _read_chunk(chunk: list[_FileItem | _RowRange], options: _Options) -> Iterator[tuple[str, str, object]]:
-    """``(name, key, payload)`` per source item, where payload is ``(image bytes or PIL image, label)`` or a
-    ``_Skip``."""
-    for part in chunk:
-        if isinstance(part, _FileItem):
-            try:
-                yield part.name, part.key, (Path(part.path).read_bytes(), part.label)
-            except OSError as exc:
-                yield part.name, part.key, _Skip(f"unreadable file: {exc.strerror or exc}")
-        elif part.path is None:
-            for index in range(part.start, part.stop):
-                image, label = synthetic_image(
-                    index, image_size=options.synthetic_image_size, num_classes=options.synthetic_classes,
-                    seed=options.seed,
-                )  # fmt: skip
-                yield f"synthetic#{index}", f"synthetic_{index:08d}", (image, label)
-        else:
-            yield from _read_parquet_rows(part)
-
-
-def _read_parquet_rows(part: _RowRange) -> Iterator[tuple[str, str, object]]:
-    """Stream the rows of ``part`` batch by batch, reading only the row groups that hold them."""
-    assert part.path is not None
-    parquet = pq.ParquetFile(part.path)
-    groups, row, offset = [], None, 0
-    for group in range(parquet.metadata.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if offset < part.stop and offset + rows > part.start:
-            groups.append(group)
-            row = offset if row is None else row
-        offset += rows
-    file_key, file_name = _safe_key(Path(part.path).stem)[:60], Path(part.path).name
-    row = row or 0
-    for batch in parquet.iter_batches(batch_size=256, row_groups=groups, columns=["image", "label"]):
-        batch_start, row = row, row + batch.num_rows
-        if batch_start >= part.stop:
-            break
-        first, last = max(part.start, batch_start), min(part.stop, row)
-        if first >= last:
-            continue  # rows of a shared row group before this part: never converted to Python
-        wanted = batch.slice(first - batch_start, last - first)
-        images, labels = wanted.column("image").to_pylist(), wanted.column("label").to_pylist()
-        for position, (image, label) in enumerate(zip(images, labels), first):
-            name, key = f"{file_name}#row{position}", f"{file_key}_{position:08d}"
-            yield name, key, _parquet_payload(image, label, Path(part.path).parent)
-
-
-def _parquet_payload(image: object, label: object, base: Path) -> object:
-    if not isinstance(label, int) or isinstance(label, bool):
-        return _Skip(f"unreadable label {label!r}")
-    if not isinstance(image, dict):
-        return _Skip("no image struct")
-    if image.get("bytes"):
-        return image["bytes"], label
-    if image.get("path"):  # the datasets layout may refer to a file instead of embedding it
-        try:
-            return (base / image["path"]).read_bytes(), label
-        except OSError as exc:
-            return _Skip(f"image path {image['path']!r} unreadable: {exc.strerror or exc}")
-    return _Skip("image has neither bytes nor path")
+# ---------------------------------------------------------------- encoding and writing (worker side)
 
 
 def _encode(payload: tuple[bytes | Image.Image, int], options: _Options) -> tuple[str, bytes]:
@@ -283,19 +95,19 @@ def _encode(payload: tuple[bytes | Image.Image, int], options: _Options) -> tupl
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise _Skip("not an image") from None
+        raise Skip("not an image") from None
     except Exception as exc:  # PIL raises a variety of types on corrupt headers
-        raise _Skip(f"undecodable image: {exc}") from None
+        raise Skip(f"undecodable image: {exc}") from None
     extension = EXTENSION_OF_FORMAT.get(image.format or "")
     if extension is None:
-        raise _Skip(f"unsupported image format {image.format} (accepted: JPEG, PNG, WebP)")
+        raise Skip(f"unsupported image format {image.format} (accepted: JPEG, PNG, WebP)")
     if options.resize:
         # JPEG decodes at a reduced scale when shrinking (much faster), still reading the whole stream
         image.draft(image.mode, _resized_size(image.size, options.resize))
     try:
         image.load()  # decodes everything: a truncated or corrupt file fails here
     except Exception as exc:
-        raise _Skip(f"undecodable {image.format} image: {exc}") from None
+        raise Skip(f"undecodable {image.format} image: {exc}") from None
     target = options.image_format or extension
     if options.resize or target != extension:
         return _reencode(image, target, options.resize)
@@ -363,40 +175,45 @@ class _PartWriter:
 
 
 def _write_chunk(
-    index: int, chunk: list[_FileItem | _RowRange], out_dir: str, prefix: str, options: _Options
+    index: int, chunk: list[ChunkPart], out_dir: str, prefix: str, options: _Options
 ) -> _ChunkResult:
-    """Write one chunk as one or more temporary shards (more when the byte bound is reached)."""
-    parts: list[tuple[str, ShardRecord]] = []
+    """Write one chunk as temporary shards: one per slot (a Parquet window has several), more when the
+    byte bound is reached. Parts come back ordered by slot, then by when they were opened."""
+    parts: list[tuple[int, int, str, ShardRecord]] = []
     skipped: list[tuple[str, str]] = []
-    writer: _PartWriter | None = None
-    items = 0
+    writers: dict[int, tuple[int, _PartWriter]] = {}  # slot -> (opening number, writer)
+    items = opened = 0
     try:
-        for name, key, payload in _read_chunk(chunk, options):
+        for name, key, payload, slot in read_chunk(chunk, options.synthetic):
             items += 1
             try:
-                if isinstance(payload, _Skip):
+                if isinstance(payload, Skip):
                     raise payload
                 label = payload[1]  # type: ignore[index]
                 if label < 0 or (options.num_classes is not None and label >= options.num_classes):
-                    raise _Skip(f"label {label} outside the {options.num_classes or 'non-negative'} classes")
+                    raise Skip(f"label {label} outside the {options.num_classes or 'non-negative'} classes")
                 extension, data = _encode(payload, options)  # type: ignore[arg-type]
-            except _Skip as reason:
+            except Skip as reason:
                 skipped.append((name, str(reason)))
                 continue
             member_bytes = _tar_member_bytes(len(data)) + _tar_member_bytes(len(str(label)))
+            number, writer = writers.get(slot, (0, None))
             if writer and _tar_file_bytes(writer.member_bytes + member_bytes) > options.max_shard_bytes:
-                parts.append((writer.path.name, writer.finish()))
+                del writers[slot]
+                parts.append((slot, number, writer.path.name, writer.finish()))
                 writer = None
             if writer is None:
-                writer = _PartWriter(Path(out_dir) / _temporary_name(prefix, index, len(parts)))
+                number, opened = opened, opened + 1
+                writer = _PartWriter(Path(out_dir) / _temporary_name(prefix, index, number))
+                writers[slot] = (number, writer)
             writer.write(key, extension, data, label, member_bytes)
-        if writer:
-            parts.append((writer.path.name, writer.finish()))
-            writer = None
+        for slot in sorted(writers):
+            number, writer = writers.pop(slot)
+            parts.append((slot, number, writer.path.name, writer.finish()))
     finally:
-        if writer:  # an unexpected error: leave no partial file behind
+        for _, writer in writers.values():  # an unexpected error: leave no partial file behind
             writer.discard()
-    return _ChunkResult(index, items, parts, skipped)
+    return _ChunkResult(index, items, [(name, record) for _, _, name, record in sorted(parts)], skipped)
 
 
 # ---------------------------------------------------------------- driver
@@ -414,7 +231,7 @@ def _existing_outputs(out_dir: Path, prefix: str) -> list[Path]:
 
 
 def _run_chunks(
-    plan: _Plan, out_dir: str, prefix: str, options: _Options, workers: int, stack: contextlib.ExitStack
+    plan: Plan, out_dir: str, prefix: str, options: _Options, workers: int, stack: contextlib.ExitStack
 ) -> Iterator[_ChunkResult]:
     """Write every chunk, in this process or in ``workers`` processes; results in completion order."""
     if workers == 1:
@@ -463,10 +280,9 @@ def make_shards(
 
     ``image_format`` (jpg, png or webp) re-encodes images not already in it; ``resize`` scales the
     shorter side to that many pixels (re-encoding). A sample larger than ``max_shard_bytes`` gets a shard
-    of its own. An ImageFolder tree is written in a random order drawn from ``shuffle_seed`` (None: the
-    tree's sorted order), so that every shard mixes the classes; Parquet rows keep their order (they are
-    streamed by row group) and synthetic samples are mixed by construction. Existing shards of ``prefix``
-    or a manifest in ``out_dir`` are an error unless ``overwrite``."""
+    of its own. Items are written in a random order drawn from ``shuffle_seed`` (None: the source order),
+    so that every shard mixes the classes; keys do not depend on it. Existing shards of ``prefix`` or a
+    manifest in ``out_dir`` are an error unless ``overwrite``."""
     if image_format is not None:
         image_format = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
         if image_format not in FORMAT_OF_EXTENSION:
@@ -475,14 +291,14 @@ def make_shards(
         ("samples_per_shard", samples_per_shard, 1), ("max_shard_bytes", max_shard_bytes, _TAR_RECORD),
         ("workers", workers, 1), ("synthetic_samples", synthetic_samples, 0),
         ("synthetic_classes", synthetic_classes, 1), ("synthetic_image_size", synthetic_image_size, 1),
-        ("resize", resize or 1, 1),
+        ("resize", resize or 1, 1), ("shuffle_seed", 0 if shuffle_seed is None else shuffle_seed, 0),
     ]:  # fmt: skip
         if value < least:
             raise ValueError(f"{name} must be at least {least}; got {value}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ValueError(f"prefix may hold only letters, digits, '_' and '-'; got {prefix!r}")
 
-    plan = _plan(source, samples_per_shard, synthetic_samples, synthetic_classes, shuffle_seed)
+    plan = plan_source(source, samples_per_shard, synthetic_samples, synthetic_classes, shuffle_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = _existing_outputs(out_dir, prefix)
@@ -494,7 +310,7 @@ def make_shards(
 
     options = _Options(
         image_format, resize, max_shard_bytes, len(plan.classes) if plan.classes else None,
-        synthetic_classes, synthetic_image_size, seed,
+        SyntheticOptions(synthetic_classes, synthetic_image_size, seed),
     )  # fmt: skip
     records: list[ShardRecord] = []
     skipped = list(plan.skipped)
@@ -574,10 +390,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--synthetic-classes", type=int, default=10)
     parser.add_argument("--synthetic-image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic generator")
-    parser.add_argument("--shuffle-seed", type=int, default=0,
-                        help="order in which an ImageFolder tree's images are written (mixes classes)")
-    parser.add_argument("--no-shuffle", dest="shuffle_seed", action="store_const", const=None,
-                        help="write an ImageFolder tree in its sorted (class-by-class) order")
+    parser.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="seed of the random order in which items are written (mixes the classes "
+        "in every shard; default 0)",
+    )
+    parser.add_argument(
+        "--no-shuffle",
+        dest="shuffle_seed",
+        action="store_const",
+        const=None,
+        help="write the items in source order (an ImageFolder tree class by class)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=_main)

@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MANIFEST_NAME = "manifest.parquet"
 CLASSES_NAME = "classes.json"
 SKIPPED_NAME = "skipped.json"
 _SUMMARY_LINES = 20
+_CLASS_MIX_CELLS = 4_000_000  # shards x classes the class-mix check looks at, at most (cost bound)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -132,3 +135,34 @@ def read_classes(out_dir: str | Path) -> list[str]:
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise ValueError(f"{path} must hold a JSON list of class names")
     return classes
+
+
+def shards_with_few_classes(table: pa.Table) -> tuple[list[tuple[str, int, float]], int]:
+    """``(shard, classes present, classes expected)`` for the shards of a manifest holding fewer than half
+    the distinct classes that a random sample of their size would hold (given the classes' overall
+    frequencies): the mark of shards written in class order, whose batches a reader's bounded shuffle
+    cannot mix; and how many shards were checked (evenly spaced ones, when shards x classes is large).
+    Nothing is found when the manifest has no usable per-class counts."""
+    if "class_counts" not in table.column_names or table.num_rows == 0:
+        return [], 0
+    chunks = table.column("class_counts")
+    column = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if column.null_count or lengths.min() != lengths.max() or lengths[0] < 2:
+        return [], 0  # (make_shards pads every row to the number of classes)
+    counts = column.flatten().to_numpy(zero_copy_only=False).reshape(len(lengths), int(lengths[0]))
+    totals = counts.sum(axis=0)
+    if totals.sum() == 0:
+        return [], 0
+    fractions = totals / totals.sum()
+    wanted = min(len(counts), _CLASS_MIX_CELLS // len(totals) + 1)
+    checked = np.unique(np.linspace(0, len(counts) - 1, wanted, dtype=np.int64))
+    rows = counts[checked]
+    expected = (1.0 - (1.0 - fractions) ** rows.sum(axis=1, keepdims=True)).sum(axis=1)
+    present = (rows > 0).sum(axis=1)
+    names = table.column("shard").to_pylist()
+    found = [
+        (names[int(checked[i])], int(present[i]), float(expected[i]))
+        for i in np.flatnonzero((expected > 2.0) & (present < expected / 2.0))
+    ]
+    return found, len(checked)

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch.utils.data
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
+from .manifest import shards_with_few_classes
 from .tar_reader import iter_shard, open_url
 
 logger = logging.getLogger(__name__)
@@ -73,10 +75,30 @@ def _shards_from_manifest(manifest: str) -> list[Shard]:
     missing = {"shard", "samples"} - set(table.column_names)
     if missing:
         raise ValueError(f"manifest {manifest} lacks column(s) {sorted(missing)}")
+    _warn_if_shards_hold_few_classes(manifest, table)
     base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
     names = table.column("shard").to_pylist()
     counts = table.column("samples").to_pylist()
     return [Shard(f"{base}/{name}", int(count)) for name, count in zip(names, counts)]
+
+
+_CHECKED_MANIFESTS: set[str] = set()
+
+
+def _warn_if_shards_hold_few_classes(manifest: str, table: pa.Table) -> None:
+    if manifest in _CHECKED_MANIFESTS:  # once per process
+        return
+    _CHECKED_MANIFESTS.add(manifest)
+    few, checked = shards_with_few_classes(table)
+    if few:
+        examples = ", ".join(f"{name}: {present} of ~{mixed:.0f}" for name, present, mixed in few[:5])
+        examples += f" and {len(few) - 5} more" if len(few) > 5 else ""
+        logger.warning(
+            "%d of %d shards checked in %s hold few classes each (classes present, of those a random sample "
+            "would hold: %s). They were probably written in class order, so batches will hold few classes; "
+            "rewrite them with `defocus-scale make-shards` (which shuffles).",
+            len(few), checked, manifest, examples,
+        )  # fmt: skip
 
 
 def resolve_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Shard]:
@@ -260,7 +282,8 @@ class SubstreamReader:
         self.open: list[list] = [[WorkUnit.from_json(e), int(e[4]), None] for e in state["open"]]
         self.unfilled: list[tuple[int, int]] = [(int(s), int(i)) for s, i in state["buffered"]]
         self.buffer: list[dict] = []
-        self.buffer_ids: list[int] = []  # (shard << 32) | index of each buffered sample, for state_dict
+        # (shard << 32) | index of each buffered sample, for state_dict: a typed array copies to numpy at once
+        self.buffer_ids = array("q")
         self.rng = np.random.Generator(np.random.PCG64())
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.delivered = int(state["delivered"])
@@ -315,7 +338,8 @@ class SubstreamReader:
             if lost and self.shards[shard].url not in self.bad_shards:
                 self._shard_failed(shard, f"buffered sample(s) {lost[:5]} no longer in the shard")
         self.buffer = [found[i] for i in self.unfilled if i in found]
-        self.buffer_ids = [shard << 32 | index for shard, index in self.unfilled if (shard, index) in found]
+        kept = [(shard, index) for shard, index in self.unfilled if (shard, index) in found]
+        self.buffer_ids = array("q", [shard << 32 | index for shard, index in kept])
         self.unfilled = []
 
     def _read(self, slot: int) -> dict | None:
