@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 from test_stream import all_keys, write_shards
 
 from defocus_scale.data.config import DataConfig
-from defocus_scale.data.loader import build_eval_loader, build_train_loader
-from defocus_scale.data.transforms import eval_transform, mixup_fn, train_transform
+from defocus_scale.data.loader import _derived_seed, build_eval_loader, build_train_loader
+from defocus_scale.data.stream import iter_shard
+from defocus_scale.data.transforms import eval_transform, mixup_fn, seed_global_rngs, train_transform
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -171,3 +176,38 @@ def test_workers_ship_uint8_batches_normalised_and_erased_on_arrival(shard_dir: 
             assert not changed.any()
         else:  # every image has an erased rectangle (of 2-33% of its area), the rest is as shipped
             assert ((per_image > 0) & (per_image < 0.5)).all()
+
+
+def test_worker_batches_skip_undecodable_samples_and_match_per_image_augmentation(tmp_path: Path) -> None:
+    """Workers decode a batch's images before augmenting them: the outputs are still each image's own
+    seeded augmentation, and a sample that does not decode is skipped and counted, not fatal."""
+    write_shards(tmp_path, (7,), image_size=12)
+    with wds.TarWriter(str(tmp_path / "shard-000001.tar")) as writer:
+        writer.write({"__key__": "broken", "png": b"\x89PNG but truncated", "cls": 1})
+    (tmp_path / "manifest.parquet").unlink()  # read the *.tar of the directory
+    cfg = _config(tmp_path, workers=1, batch_size=3, shuffle=False)
+    loader = build_train_loader(cfg, rank=0, world_size=1, seed=5)
+    batches = list(loader.raw_batches())
+    assert [len(keys) for _, _, keys in batches] == [3, 3, 1]
+    assert [k for _, _, keys in batches for k in keys] == all_keys((7,))
+    assert loader.stats()["bad_samples"] == 1
+    transform = train_transform(cfg)
+    for images, _, keys in batches:
+        for image, key in zip(images, keys):
+            raw = next(s for _, s in iter_shard(str(tmp_path / "shard-000000.tar")) if s["__key__"] == key)
+            seed_global_rngs(_derived_seed(5, 0, key, 0))
+            assert torch.equal(image, transform(Image.open(io.BytesIO(raw["png"])).convert("RGB")))
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/data is absent")
+def test_bench_data_smoke(tmp_path: Path) -> None:
+    """The data benchmark runs end to end on a few real images and writes its table."""
+    out = tmp_path / "bench_data.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data.py"
+    command = [sys.executable, str(script), "--smoke", "--repeats", "1", "--workers", "1", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dataset"], r["image_size"], r["workers"]) for r in rows] == [("ants/bees", 224, 1),
+                                                                            ("cifar10", 32, 1)]
+    for row in rows:
+        assert row["images"] == 64 and row["per_worker_ratio"] > 0 and row["per_worker_ratio_vs_staged"] > 0
