@@ -119,6 +119,25 @@ def test_pipe_urls_are_read(tmp_path: Path) -> None:
     assert sorted(_run(stream)) == all_keys((3, 4))
 
 
+def test_fsspec_urls_are_read(tmp_path: Path) -> None:
+    """URLs of schemes webdataset does not know (object stores) go through fsspec: here its memory store."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    paths = write_shards(tmp_path, sizes=(3, 4))
+    urls = [f"memory://defocus-test/{Path(p).name}" for p in paths]
+    try:
+        for path in [*paths, tmp_path / "manifest.parquet"]:
+            memory.pipe(f"memory://defocus-test/{Path(path).name}", Path(path).read_bytes())
+        stream = open_stream(urls, rank=0, world_size=1, seed=0, decode=False)
+        assert sorted(_run(stream)) == all_keys((3, 4))
+        ranks = [open_stream("memory://defocus-test/manifest.parquet", rank=r, world_size=2, seed=0)
+                 for r in range(2)]
+        assert sorted(s.samples_remaining() for s in ranks) == [3, 4]  # sizes from the remote manifest
+        assert sorted(k for s in ranks for k in _run(s)) == all_keys((3, 4))
+    finally:
+        memory.rm("memory://defocus-test", recursive=True)
+
+
 def test_ranks_split_evenly_and_cover_everything(shard_dir: Path) -> None:
     per_rank = [_run(open_stream(shard_dir, rank=r, world_size=3, seed=1, **_options(True)))
                 for r in range(3)]
