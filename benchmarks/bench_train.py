@@ -4,6 +4,9 @@
    De-focus Mamba-S, RetNet-S and ViT-S beside timm's DeiT-S (``deit_small_patch16_224``, plain CE), in
    this process (a world of one), with the ratio to DeiT-S. FLOPs: FlopCounterMode on a meta copy
    (matmuls/convolutions; the scans' elementwise work is not counted). Peak: see ``peak_flops_source``.
+   Then the production path, per model: fp32 eager, bf16 eager (the family's precision plan: bandpass
+   scalars fp32) and fp32 compiled (``torch.compile`` per block) step times side by side, with the
+   compile time (first step minus a steady step).
 2. Peak memory per rank (RSS on CPU, allocated on GPU) of ``defocus-scale train`` under torchrun with 1 and
    2 ranks for defocus_mamba_base and defocus_mamba_1b (EMA off, no checkpoints).
 3. Seconds the training loop is blocked by an async save versus a synchronous save of the same state
@@ -53,9 +56,11 @@ def _timm_deit(image_size: int) -> torch.nn.Module:
     return timm.create_model("deit_small_patch16_224", img_size=image_size, num_classes=1000)
 
 
-def step_throughput(name: str, env, image_size: int, batch: int, steps: int) -> dict:
+def step_throughput(
+    name: str, env, image_size: int, batch: int, steps: int, precision: str = "auto", compile: bool = False
+) -> dict:
     """Median seconds of a full train step after one warm-up step."""
-    policy = mixed_precision_policy("auto", env.device)
+    policy = mixed_precision_policy(precision, env.device)
     if name.startswith("timm:"):
         with torch.device("meta"):
             model = _timm_deit(image_size)
@@ -72,12 +77,13 @@ def step_throughput(name: str, env, image_size: int, batch: int, steps: int) -> 
             return F.cross_entropy(model(images).float(), labels)
     else:
         kwargs = {"img_size": image_size, "num_classes": 1000}
-        model = build_sharded_model(name, kwargs, env)
+        torch._dynamo.reset()
+        model = build_sharded_model(name, kwargs, env, precision=precision, compile=compile)
         optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
         flops = train_flops_per_sample(lambda: create_model(name, **kwargs), image_size)
 
         def loss_of(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return defocus_loss(model(images, drop_path_rate=0.1), labels).total
+            return defocus_loss(model.forward_train(images, drop_path_rate=0.1), labels).total
 
     model.train()
     images = torch.randn(batch, 3, image_size, image_size, device=env.device)
@@ -100,7 +106,30 @@ def step_throughput(name: str, env, image_size: int, batch: int, steps: int) -> 
     peak, _ = peak_flops_per_device(env.device, bf16)
     images_per_s = batch / seconds
     return {"model": name, "step_s": seconds, "images_per_s": images_per_s, "flops_per_sample": flops,
-            "mfu": images_per_s * flops / peak}  # fmt: skip
+            "mfu": images_per_s * flops / peak, "first_step_s": times[0], "precision": precision,
+            "compile": compile}  # fmt: skip
+
+
+PRODUCTION_VARIANTS = [("fp32", False), ("bf16", False), ("fp32", True)]
+
+
+def production_path(models: list[str], env, image_size: int, batch: int, steps: int) -> list[dict]:
+    """fp32 eager / bf16 eager / fp32 compiled step times of each model, side by side in this process."""
+    rows = []
+    for name in models:
+        eager = None
+        for precision, compiled in PRODUCTION_VARIANTS:
+            row = step_throughput(name, env, image_size, batch, steps, precision=precision, compile=compiled)
+            eager = eager or row
+            row["vs_fp32_eager"] = eager["step_s"] / row["step_s"]
+            row["compile_s"] = row["first_step_s"] - row["step_s"] if compiled else None
+            if compiled:
+                from torch._dynamo.utils import counters
+
+                row["graph_breaks"] = int(sum(counters["graph_break"].values()))
+                row["unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
+            rows.append(row)
+    return rows
 
 
 class _TimmAsClassifier(torch.nn.Module):
@@ -110,7 +139,7 @@ class _TimmAsClassifier(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor):
+    def forward_train(self, images: torch.Tensor):
         from defocus_scale.models import ModelOutput
 
         return ModelOutput(self.model(images), None)
@@ -184,6 +213,8 @@ def main() -> int:
     parser.add_argument("--skip-1b", action="store_true", help="memory runs for defocus_mamba_base only")
     parser.add_argument("--skip-memory", action="store_true", help="no torchrun memory runs (one GPU only)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in this process")
+    parser.add_argument("--production-models", nargs="*", help="models of the fp32 / bf16 / compiled rows",
+                        default=["defocus_vit_small", "defocus_mamba_small"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -204,6 +235,18 @@ def main() -> int:
                       f"{row['mfu']:.1%}")  # fmt: skip
     console.print(table)
     console.print(f"MFU peak per device: {peak_source}")
+
+    production = production_path(args.production_models, env, args.image_size, args.batch, args.steps)
+    prod_table = Table(title=f"Production path, batch {args.batch} at {args.image_size} px, {env.device}")
+    for column in ("model", "precision", "compiled", "step s", "speed vs fp32 eager", "compile s",
+                   "graph breaks"):  # fmt: skip
+        prod_table.add_column(column, justify="left" if column == "model" else "right")
+    for row in production:
+        prod_table.add_row(row["model"], row["precision"], str(row["compile"]), f"{row['step_s']:.3f}",
+                           f"{row['vs_fp32_eager']:.2f}x",
+                           f"{row['compile_s']:.1f}" if row["compile_s"] is not None else "-",
+                           str(row.get("graph_breaks", "-")))  # fmt: skip
+    console.print(prod_table)
 
     saves = save_blocking(env, args.image_size)
     save_table = Table(
@@ -232,7 +275,8 @@ def main() -> int:
         "settings": vars(args) | {"out": str(args.out) if args.out else None},
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
         "flops_note": "FlopCounterMode, forward+backward of one sample: matmuls and convolutions only",
-        "throughput": throughput, "save_blocking": saves, "peak_memory": memory,
+        "throughput": throughput, "production_path": production, "save_blocking": saves,
+        "peak_memory": memory,
         "memory_note": "CPU: peak RSS per process (includes ~0.8 GiB of torch and libraries per process); "
                        "GPU: torch.cuda.max_memory_allocated",
     }, args.out)  # fmt: skip

@@ -70,7 +70,7 @@ def train_one(decay_mode: str, data, epochs: int, batch: int, seed: int) -> dict
                 group["lr"] = lr_at(step)
             start = time.perf_counter()
             model.train()
-            loss = defocus_loss(model(x, drop_path_rate=0.1), train_y[idx], 0.1).total
+            loss = defocus_loss(model.forward_train(x, drop_path_rate=0.1), train_y[idx], 0.1).total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -38,7 +38,8 @@ for step in $steps; do
         2>&1 | tee "$out/bench_scan.log" ;;
     train)  # trainer end to end on one GPU (NCCL, bf16), then the step-throughput benchmark
       timeout 150 $py -m defocus_scale.train model=defocus_mamba_small data.image_size=224 \
-        data.batch_size=64 data.workers=8 trainer.device=cuda trainer.precision=auto trainer.max_steps=30 \
+        data.batch_size=64 data.workers=8 trainer.device=cuda trainer.precision=bf16 trainer.compile=true \
+        trainer.max_steps=30 \
         trainer.eval_every=30 trainer.checkpoint_every=30 trainer.log_every=10 trainer.progress=false \
         trainer.threads=null trainer.run_dir=/tmp/defocus-gpu-run 2>&1 | tee "$out/train_smoke.log" | tail -30
       timeout 200 $py benchmarks/bench_train.py --batch 64 --skip-1b --skip-memory \

@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from defocus_scale import demo
     from defocus_scale.analysis import cli as analysis_cli
     from defocus_scale.data import make_shards
+    from defocus_scale.evaluate import cli as eval_cli
     from defocus_scale.orchestration import cli as launch_cli
     from defocus_scale.scaling import cli as sweep_cli
     from defocus_scale.train import cli as train_cli
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch_cli.register(subparsers)
     train_cli.register(subparsers)
     sweep_cli.register(subparsers)
+    eval_cli.register(subparsers)
     return parser
 
 

@@ -2,22 +2,38 @@
 
 Backends:
 
-* ``"auto"`` - Triton for CUDA tensors (FlexAttention for attention), fast PyTorch on CPU;
-* ``"torch"`` - the fast PyTorch forms (any device);
+* ``"auto"`` - Triton for CUDA tensors (FlexAttention for attention), fast PyTorch on CPU (the numba
+  scan is opt-in until it beats its JIT cost and meets its targets: a fresh process pays ~7-25 s of JIT
+  or cache loading at its first call, which short CPU runs and the test suite's many processes do not
+  win back);
+* ``"torch"`` - the fast PyTorch forms (any device; the selective scan's is its readable reference);
+* ``"cpu"`` - selective scan only: the numba-compiled scan (``selective/cpu.py``, CPU tensors);
 * ``"triton"`` - the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
 * ``"naive"`` - the token-by-token / explicit-matrix definitions (tests and benchmarks);
 * attention only: ``"flex"`` (FlexAttention) and ``"sdpa"`` (SDPA / explicit score matrix).
 
 Kernels know nothing of models: these take tensors and return tensors.
+
+Precision: bf16 training hands these bf16 activations (``u, B, C, z``; ``q, k, v``) and fp32 scalars
+(``delta, A, freq, D``; ``log_decay, theta``; ``lambda_hat, theta``). Positions, rotary angles and decay
+exponents are computed in at least float32 on every path; outputs have the activations' dtype and every
+gradient its input's dtype.
+
+``torch.compile``: the token loops run inside ``torch.library`` custom ops (``defocus::selective_scan_fwd``
+/ ``_bwd`` for the PyTorch scan, ``defocus::selective_scan_triton_fwd`` / ``_bwd`` and
+``defocus::retention_scan_triton_fwd`` / ``_bwd`` for the kernels), so each operator traces into one
+graph without breaks; the retention matrix form and the attention forms are plain traceable ATen code.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
 
-SCAN_BACKENDS = ("auto", "torch", "triton", "naive")
+SCAN_BACKENDS = ("auto", "torch", "cpu", "triton", "naive")
 ATTENTION_BACKENDS = ("auto", "torch", "sdpa", "flex", "naive")
 
 
@@ -25,11 +41,25 @@ def _triton_usable(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _resolve_scan_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in SCAN_BACKENDS:
-        raise ValueError(f"backend must be one of {SCAN_BACKENDS}, got {backend!r}")
+@functools.cache
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def _resolve_scan_backend(backend: str, x: torch.Tensor, cpu_scan: bool = False) -> str:
+    """``cpu_scan``: the operator has a ``"cpu"`` backend (the selective scan), which ``"auto"`` picks
+    for CPU tensors; the retention scan has none, so ``"cpu"`` is refused there."""
+    if backend not in SCAN_BACKENDS or (backend == "cpu" and not cpu_scan):
+        allowed = SCAN_BACKENDS if cpu_scan else tuple(b for b in SCAN_BACKENDS if b != "cpu")
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        if x.is_cuda:
+            return "triton"
+        return "torch"
+    if backend == "cpu" and not _numba_installed():
+        raise ValueError("backend='cpu' needs numba (pip install numba)")
+    if backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got {x.device}")
     if backend == "triton" and not _triton_usable(x):
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
@@ -78,7 +108,7 @@ def selective_scan(
             raise ValueError(f"{name} must be (batch, length, state={A.shape[1]}), got {tuple(value.shape)}")
     if group_size and channels % group_size:
         raise ValueError(f"group_size={group_size} must divide channels={channels}")
-    chosen = _resolve_scan_backend(backend, u)
+    chosen = _resolve_scan_backend(backend, u, cpu_scan=True)
     kwargs = dict(freq=freq, rope_scale=rope_scale, D=D, z=z, group_size=group_size)
     if chosen == "triton":
         from .selective.triton import selective_scan_triton
@@ -88,13 +118,13 @@ def selective_scan(
         from .selective.naive import selective_scan_naive
 
         return selective_scan_naive(u, delta, A, B, C, **kwargs)
-    from .selective.reference import selective_scan_torch
-
     dtype = _compute_dtype(u)
     up = [t.to(dtype) if t is not None else None for t in (u, delta, A, B, C, freq, D, z)]
-    y = selective_scan_torch(
-        *up[:5], freq=up[5], rope_scale=rope_scale, D=up[6], z=up[7], group_size=group_size
-    )
+    if chosen == "cpu":
+        from .selective.cpu import selective_scan_cpu as scan
+    else:
+        from .selective.reference import selective_scan_torch as scan
+    y = scan(*up[:5], freq=up[5], rope_scale=rope_scale, D=up[6], z=up[7], group_size=group_size)
     return y.to(u.dtype)
 
 

@@ -80,17 +80,12 @@ class FaultConfig:
     # trainer's corrupt-checkpoint fallback); pair it with a kill so the damage is read back.
     corrupt_checkpoint_at_step: int | None = None
     seed: int = 0
-    # A run of this many consecutive non-finite losses raises, so the launcher restarts from a checkpoint.
-    # It is a safety net, on even when ``enabled`` is false; 0 switches it off.
-    nonfinite_loss_streak: int = 3
 
     def __post_init__(self) -> None:
         if (self.kill_rank is None) != (self.kill_step is None):
             raise ValueError("faults.kill_rank and faults.kill_step must be set together (or neither)")
         if not 0.0 <= self.kill_probability <= 1.0:
             raise ValueError(f"faults.kill_probability must lie in [0, 1]; got {self.kill_probability}")
-        if self.nonfinite_loss_streak < 0:
-            raise ValueError(f"faults.nonfinite_loss_streak must be >= 0; got {self.nonfinite_loss_streak}")
 
 
 @dataclass

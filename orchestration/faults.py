@@ -1,4 +1,5 @@
-"""Config-driven fault injection for tests and drills, and the non-finite-loss guard.
+"""Config-driven fault injection for tests and drills (the non-finite-loss guard is the trainer's:
+``trainer.max_nonfinite_steps``).
 
 The injector runs inside each worker, after every optimizer step. It kills its *own* process with
 SIGKILL -- no clean-up, no exception, exactly what a crashed or preempted worker looks like to the
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import signal
 import time
@@ -23,29 +23,6 @@ from .recovery import FOLDER, FailureNote, write_failure_note
 from .storage import RunStorage
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss was NaN or infinite for too many consecutive steps; restart from the last checkpoint."""
-
-
-class NonFiniteLossMonitor:
-    """Raises :class:`NonFiniteLossError` once ``streak`` consecutive losses are not finite (0: never)."""
-
-    def __init__(self, streak: int) -> None:
-        self.streak = streak
-        self.count = 0
-
-    def observe(self, step: int, loss: float) -> None:
-        if math.isfinite(loss):
-            self.count = 0
-            return
-        self.count += 1
-        if self.streak and self.count >= self.streak:
-            raise NonFiniteLossError(
-                f"loss was {loss} for {self.count} consecutive steps (up to step {step}); "
-                f"faults.nonfinite_loss_streak={self.streak}"
-            )
 
 
 def corrupt_checkpoint(storage: RunStorage, checkpoint: str) -> str:

@@ -23,7 +23,7 @@ from .config import ClusterConfig, OrchestrationConfig
 from .recovery import FOLDER, FailureNote, RestartRecord, read_restart_records, write_failure_note
 from .storage import RunStorage
 from .trainer_adapter import TRAINER_ENTRY
-from .worker import WorkerJob, ray_train_loop, result_name
+from .worker import FATAL_KEY, WorkerJob, ray_train_loop, result_name
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,8 @@ def launch(
     wall = time.perf_counter() - start
     storage = RunStorage(orchestration.run_dir)
     summary = storage.read_json(FOLDER, result_name(job.launch_id), default={})
+    if FATAL_KEY in summary:
+        raise RuntimeError(f"training stopped (not retried): {summary[FATAL_KEY]}")
     restarts = [r for r in read_restart_records(orchestration.run_dir) if r.launch_id == job.launch_id]
     kind, run_dir = orchestration.launcher.kind, orchestration.run_dir
     return LaunchResult(kind, run_dir, job.launch_id, wall, summary, restarts)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import OrchestrationConfig
-from .faults import FaultInjector, NonFiniteLossError, NonFiniteLossMonitor
+from .faults import FaultInjector
 from .recovery import FOLDER, FailureNote, RecoveryTracker, write_failure_note
 from .storage import RunStorage
 from .trainer_adapter import newest_complete_checkpoint, prepare_trainer_config, resolve_entry
@@ -38,6 +38,9 @@ class WorkerJob:
     extra_sys_path: list[str] = field(default_factory=list)  # the entry module's folder, if not installed
 
 
+FATAL_KEY = "fatal_error"  # in a launch's result: the trainer stopped on a non-retryable error
+
+
 def result_name(launch_id: str) -> str:
     return f"result-{launch_id}.json"
 
@@ -49,7 +52,6 @@ class OrchestrationHooks:
         self.storage, self.rank = storage, rank
         self.tracker = RecoveryTracker(storage, rank=rank, world_size=world_size, launch_id=job.launch_id)
         faults = job.orchestration.faults
-        self.monitor = NonFiniteLossMonitor(faults.nonfinite_loss_streak)
         self.injector = FaultInjector(
             faults, storage, rank=rank, launch_id=job.launch_id,
             restarts_so_far=self.tracker.restarts_so_far() if faults.enabled else 0,
@@ -61,13 +63,8 @@ class OrchestrationHooks:
         self.tracker.on_resume(step)
 
     def on_step_end(self, step: int, loss: float) -> None:
+        # Non-finite losses are the trainer's: it skips such steps and stops (non-retryably) on a streak.
         self.step_times.append(time.time())
-        try:
-            self.monitor.observe(step, float(loss))
-        except NonFiniteLossError as exc:
-            note = FailureNote(time.time(), str(exc), "loss-monitor", rank=self.rank, step=step)
-            write_failure_note(self.storage, note)
-            raise
         self.tracker.on_step_end(step)
         self.injector.on_step_end(step)
 
@@ -85,7 +82,16 @@ def run_worker(job: WorkerJob) -> dict[str, Any]:
         logger.info("global batch %d = %d workers x %d micro-batch x %d accumulation steps",
                     plan.global_batch, world_size, plan.micro_batch, plan.accumulation)
     hooks = OrchestrationHooks(storage, job, rank=rank, world_size=world_size)
-    result = dict(resolve_entry(job.entry)(cfg, hooks) or {})
+    try:
+        result = dict(resolve_entry(job.entry)(cfg, hooks) or {})
+    except Exception as exc:
+        if getattr(exc, "retryable", True):
+            raise
+        # A failure a restart would only replay (the trainer says so): end this launch without a retry.
+        # Every rank raises it (the trainer decides on all-reduced figures); rank 0 records why.
+        note = FailureNote(time.time(), str(exc)[:2000], "trainer", rank=rank)
+        write_failure_note(storage, note)
+        result = {FATAL_KEY: f"{type(exc).__name__}: {exc}"}
     if rank == 0:
         result["world_size"] = world_size
         storage.write_json(result, FOLDER, result_name(job.launch_id))

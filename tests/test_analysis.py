@@ -122,7 +122,7 @@ def test_token_influence_matches_direct_gradient_and_causality(name):
     influence = token_influence(block, hidden, query_chunk=5)
     for query in (3, 16):
         x = hidden.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(block(x, 0.0)[0, query].norm(), x)
+        (grad,) = torch.autograd.grad(block(x)[0, query].norm(), x)
         torch.testing.assert_close(influence[0, query], grad[0].norm(dim=-1))
     future = influence[0].triu(1).abs().max()
     assert (future == 0) if name != "deit_tiny" else (future > 0)

@@ -5,6 +5,9 @@ implementation of the published forward pass written here from the spec (quirks 
 from __future__ import annotations
 
 import math
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,11 +57,16 @@ def published_state_dict(mlp_heads: bool = False, aux: bool = True, seed: int = 
     return sd
 
 
-def spec_forward(sd, images, group, rope_scale, delta_scale):
-    """The published forward pass, step by step, in float64, with a Python loop over tokens."""
+def spec_forward(sd, images, group, rope_scale, delta_scale, quadrant=False):
+    """The published forward pass, step by step, in float64, with a Python loop over tokens. ``quadrant``:
+    the release's ``PatchEmbedChangeRes`` (``patch_embed_change_res``, ratio 2) token order."""
     sd = {k: v.double() for k, v in sd.items()}
     x = F.conv2d(images.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
-    x = x.flatten(2).transpose(1, 2)
+    if quadrant:
+        b, c, h, w = x.shape
+        x = x.view(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, c)
+    else:
+        x = x.flatten(2).transpose(1, 2)
     x = torch.cat([x, sd["cls_token"].expand(x.shape[0], 1, C)], dim=1)
     batch, length, _ = x.shape
     for i in range(DEPTH):
@@ -156,3 +164,107 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
         load_official_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_official_checkpoint(tmp_path / "missing.pth")
+
+
+def save_release_checkpoint(path: Path, sd: dict, ema: dict | None = None, **config: object) -> None:
+    """A checkpoint as the release's ``save_checkpoint_ema`` writes it: model, optimizer, lr scheduler,
+    scaler, epoch, accuracies, model_ema and the yacs ``CfgNode`` config. yacs is not a dependency: a
+    stand-in module named ``yacs.config`` is registered while saving, whose ``CfgNode`` pickles as yacs'
+    does (a dict subclass: NEWOBJ, SETITEMS, then BUILD with yacs' ``__immutable__`` /
+    ``__deprecated_keys__`` (a set) / ``__renamed_keys__`` / ``__new_allowed__`` state); it is gone again
+    before anything loads the file."""
+
+    class CfgNode(dict):
+        def __init__(self, init: dict | None = None) -> None:
+            super().__init__(init or {})
+            self.__dict__.update({"__immutable__": True, "__deprecated_keys__": set(),
+                                  "__renamed_keys__": {}, "__new_allowed__": False})  # fmt: skip
+
+    module = types.ModuleType("yacs.config")
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module.CfgNode = CfgNode
+    package = types.ModuleType("yacs")
+    package.config = module
+    node = {
+        "MODEL": {"TYPE": "mamba", "NAME": "defocus_mamba_large",
+                  "head_type": config.get("head_type", "IN1k_cls"),
+                  "use_aux_loss": True, "use_rope": True, "use_pos_embed": False, "drop_path_rate": 0.7,
+                  "patch_embed_change_res": config.get("change_res", False),
+                  "MAMBA": {"group_norm_size": config.get("group", 64), "intermediate_size": E,
+                            "rope_scale_factor": config.get("rope_scale", 1.0),
+                            "delta_scale_factor": config.get("delta_scale", 1.0), "time_step_rank": R}},
+        "DATA": {"IMG_SIZE": config.get("img_size", 224), "INTERPOLATION": "bicubic", "BATCH_SIZE": 32},
+        "TRAIN": {"OPTIMIZER": {"BETAS": (0.9, 0.999)}, "LR_SCHEDULER": {"MULTISTEPS": []}, "EPOCHS": 20},
+        "AUG": {"AUTO_AUGMENT": None, "MIXUP": 0.8},
+    }  # fmt: skip
+
+    def cfg(value):
+        return CfgNode({k: cfg(v) for k, v in value.items()}) if isinstance(value, dict) else value
+
+    moments = {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3), "step": torch.tensor(10.0)}
+    checkpoint = {
+        "model": sd, "optimizer": {"state": {0: moments}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        "lr_scheduler": {"t_initial": 300, "base_values": [5e-4], "noise_range_t": None},
+        "max_accuracy": 81.9, "scaler": {"scale": 65536.0, "_growth_tracker": 0}, "epoch": 299,
+        "config": cfg(node), "model_ema": ema if ema is not None else sd, "max_accuray_ema": 82.0,
+    }  # fmt: skip
+    sys.modules.update({"yacs": package, "yacs.config": module})
+    try:
+        torch.save(checkpoint, path)
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
+
+
+def test_release_training_checkpoint_with_its_yacs_config(tmp_path):
+    """The training script's file loads without yacs and without unpickling code; its config supplies
+    group_norm_size, rope_scale, delta_scale and the image size."""
+    sd, ema = published_state_dict(mlp_heads=True), published_state_dict(mlp_heads=True, seed=3)
+    path = tmp_path / "ckpt_epoch_19.pth"
+    save_release_checkpoint(path, sd, ema, group=16, rope_scale=4.0, delta_scale=2.0, img_size=32)
+    assert "yacs" not in sys.modules
+    images = torch.randn(2, 3, 32, 32)
+    for use_ema, weights in ((False, sd), (True, ema)):
+        model = load_official_checkpoint(path, use_ema=use_ema)
+        assert model.img_size == 32 and model.blocks[0].mixer.rope_scale == 4.0
+        expected = spec_forward(weights, images, 16, 4.0, 2.0)
+        torch.testing.assert_close(model.double()(images.double()), expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(CheckpointError, match="rope_scale=1.0 contradicts"):
+        load_official_checkpoint(path, rope_scale=1.0)
+
+
+def test_release_quadrant_token_order(tmp_path):
+    """patch_embed_change_res (quadrant order, same keys) is read from the config and reproduced; a model in
+    raster order refuses the file instead of loading it wrong."""
+    import timm
+
+    sd = published_state_dict(aux=False)
+    path = tmp_path / "change_res.pth"
+    save_release_checkpoint(path, sd, change_res=True, group=16, img_size=32)
+    images = torch.randn(2, 3, 32, 32)
+    model = load_official_checkpoint(path)
+    assert model.token_order == "quadrant"
+    expected = spec_forward(sd, images, 16, 1.0, 1.0, quadrant=True)
+    torch.testing.assert_close(model.double()(images.double()), expected, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(expected, spec_forward(sd, images, 16, 1.0, 1.0))  # the order matters
+    arch = dict(embed_dim=C, depth=DEPTH, inner_dim=E, dt_rank=R, patch_size=PATCH, num_classes=CLASSES,
+                group_size=16, aux_head="none", img_size=32)  # fmt: skip
+    overlay = dict(file=str(path))
+    with pytest.raises(CheckpointError, match="token_order='quadrant'"):
+        timm.create_model("defocus_mamba_small", pretrained=True, pretrained_cfg_overlay=overlay, **arch)
+    loaded = timm.create_model("defocus_mamba_small", pretrained=True, pretrained_cfg_overlay=overlay,
+                               token_order="quadrant", **arch).eval()  # fmt: skip
+    torch.testing.assert_close(loaded.double()(images.double()), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": published_state_dict(), "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"asks the unpickler for builtins\.getattr, which is refused"):
+        load_official_checkpoint(path)
+    assert not marker.exists()

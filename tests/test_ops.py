@@ -9,6 +9,7 @@ from defocus_scale.kernels import defocus_attention, retention_scan, selective_s
 from defocus_scale.kernels.attention.naive import defocus_attention_naive
 from defocus_scale.kernels.retention.naive import retention_scan_naive
 from defocus_scale.kernels.rotary import published_rotary, rotate_by_position
+from defocus_scale.kernels.selective.cpu import selective_scan_cpu
 from defocus_scale.kernels.selective.naive import selective_scan_naive
 from defocus_scale.kernels.selective.reference import selective_scan_torch
 
@@ -43,23 +44,53 @@ def _scan_inputs(batch, length, channels, state, seed=0):
 SCAN_NAMES = ["u", "delta", "A", "B", "C", "freq", "D", "z"]
 
 
+SCAN_FORMS = {
+    "sequential": lambda *a, **kw: selective_scan_torch(*a, **kw, method="sequential"),
+    "doubling": lambda *a, **kw: selective_scan_torch(*a, **kw, method="doubling"),
+    "cpu": selective_scan_cpu,  # numba, float64 kernels (math.exp)
+}
+
+
 @pytest.mark.parametrize("length", [1, 2, 7, 16, 33])
-@pytest.mark.parametrize("method", ["sequential", "doubling"])
+@pytest.mark.parametrize("method", list(SCAN_FORMS))
 def test_selective_scan_fast_equals_naive(length, method):
     args = _scan_inputs(2, length, 8, 4, seed=length)
     kw = dict(freq=args[5], rope_scale=2.0, D=args[6], z=args[7], group_size=4)
     naive = selective_scan_naive(*args[:5], **kw)
-    fast = selective_scan_torch(*args[:5], **kw, method=method)
+    fast = SCAN_FORMS[method](*args[:5], **kw)
     _assert_same(fast, naive, _grads(fast, args), _grads(naive, args), SCAN_NAMES)
 
 
-def test_selective_scan_public_api_plain_scan():
+@pytest.mark.parametrize("length", [1, 6, 197])
+def test_selective_scan_cpu_partial_tiles_equal_naive(length):
+    """The numba scan works on tiles of 16 channels: 37 channels leave a partial tile of 5 (padded
+    lanes must carry nothing), at the real length 197 as well as odd and unit lengths."""
+    args = _scan_inputs(2, length, 37, 6, seed=length)
+    kw = dict(freq=args[5], rope_scale=1.0, D=args[6], z=args[7], group_size=0)
+    naive = selective_scan_naive(*args[:5], **kw)
+    fast = selective_scan(*args[:5], **kw, backend="cpu")
+    _assert_same(fast, naive, _grads(fast, args), _grads(naive, args), SCAN_NAMES)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_selective_scan_public_api_plain_scan(backend):
     """Without freq / D / z the public op is the raw scan, and gradients reach u, delta, A, B, C."""
     args = _scan_inputs(3, 5, 6, 2)[:5]
-    fast = selective_scan(*args, backend="torch")
+    fast = selective_scan(*args, backend=backend)
     naive = selective_scan(*args, backend="naive")
     _assert_same(fast, naive, _grads(fast, args), _grads(naive, args), SCAN_NAMES[:5])
     assert fast.shape == (3, 5, 6)
+
+
+def test_backend_choice_on_cpu():
+    from defocus_scale.kernels.ops import _resolve_scan_backend
+
+    x = torch.zeros(1, 1, 1)
+    assert _resolve_scan_backend("auto", x, cpu_scan=True) == "torch"  # the numba scan is opt-in
+    assert _resolve_scan_backend("cpu", x, cpu_scan=True) == "cpu"
+    assert _resolve_scan_backend("auto", x) == "torch"  # retention has no "cpu" backend
+    with pytest.raises(ValueError, match="backend"):
+        retention_scan(*_retention_inputs(1, 2, 1, 2, 2), backend="cpu")
 
 
 def test_selective_scan_recurrence_by_hand():
@@ -74,6 +105,7 @@ def test_selective_scan_recurrence_by_hand():
     s2 = torch.exp(torch.tensor(-2.0, dtype=F64)) * s1 + 1.0 * 2.0 * -1.0
     want = torch.stack([2.0 * torch.tensor(s0, dtype=F64), 1.0 * s1, -1.0 * s2]).view(1, 3, 1)
     torch.testing.assert_close(selective_scan(u, delta, A, B, C, backend="torch"), want)
+    torch.testing.assert_close(selective_scan(u, delta, A, B, C, backend="cpu"), want)
 
 
 def test_published_rotary_keeps_the_quirk():

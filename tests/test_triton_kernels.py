@@ -9,6 +9,10 @@ Tolerances, as max |error| / max(1, max |reference|) over each tensor:
 * fp32 inputs: 2e-5 (only summation order differs from the fp32 reference);
 * bf16 inputs: 2e-2 for the selective scan (fp32 state, bf16 outputs and gradients), 5e-2 for
   retention (its matrix products run in bf16), against the fp32 reference on the same bf16 values.
+
+Each kernel also runs at a real length (197 tokens, tiny widths), the bf16 training configuration
+(activations bf16, the SSM / decay scalars fp32) is covered, the ``torch.library`` ops pass ``opcheck``
+and the Triton backends compile whole (``fullgraph=True``) through the public dispatch.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ kernels_run_here = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[1]
 FP32_TOL = 2e-5
 BF16_TOL = {"selective": 2e-2, "retention": 5e-2}
+REAL_LENGTH = 197  # 224 px / 16 patches + cls
+# the scalars the models hand the operators in fp32 in bf16 training
+TRAINING_SCALARS = {"selective": ("delta", "A", "freq", "D"), "retention": ("log_decay", "theta")}
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -145,10 +152,13 @@ def test_selective_scan_fp32(length, epilogue):
 
 @kernels_run_here
 @pytest.mark.parametrize(
-    "length,epilogue,keep", [(7, "fused", ()), (6, "rotary", ()), (5, "fused", ("A", "freq", "D"))]
+    "length,epilogue,keep",
+    [(7, "fused", ()), (6, "rotary", ()), (5, "fused", ("A", "freq", "D")), (9, "fused", "training")],
 )
 def test_selective_scan_bf16(length, epilogue, keep):
-    """bf16 inputs; the last case keeps the parameters in fp32, as in a model under autocast."""
+    """bf16 inputs; the third case keeps the parameters in fp32, as in a model under autocast, the last
+    the bf16 training configuration (``delta``, ``A``, ``freq``, ``D`` fp32, as the models pass them)."""
+    keep = TRAINING_SCALARS["selective"] if keep == "training" else keep
     fast, reference, inputs = _selective_case(length, epilogue)
     _compare(fast, reference, inputs, torch.bfloat16, BF16_TOL["selective"], keep)
 
@@ -221,6 +231,17 @@ def test_selective_scan_rejects_bad_inputs(monkeypatch):
             selective_scan_triton(**{**inputs, "D": inputs["D"].cpu()})
 
 
+@kernels_run_here
+def test_selective_scan_at_a_real_length():
+    """197 tokens through 7 chunks, fused epilogue, fp32 (the tight tolerance: positions and angles at
+    real lengths; the bf16 training configuration is ``test_selective_scan_bf16``). ~15 s interpreted."""
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=32, block_channels=4),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(1, REAL_LENGTH, 4, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
 # --- retention scan ------------------------------------------------------------------------------------
 
 # (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks
@@ -277,6 +298,77 @@ def test_retention_scan_rejects_bad_inputs():
         )
     with pytest.raises(ValueError, match="share a dtype"):
         retention_scan_triton(**{**inputs, "v": inputs["v"].bfloat16()})
+
+
+@kernels_run_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_training"])
+def test_retention_scan_at_a_real_length(dtype):
+    """197 tokens over 13 chunks of 16; bf16 is the training configuration (q, k, v bf16, log_decay
+    and theta fp32)."""
+    inputs = _retention_inputs(1, REAL_LENGTH, 2, 8, 8)
+    keep = TRAINING_SCALARS["retention"] if dtype == torch.bfloat16 else ()
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL["retention"]
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16),
+        retention_scan_naive, inputs, dtype, tol, keep,
+    )  # fmt: skip
+
+
+# --- torch.library registration and torch.compile ----------------------------------------------------
+
+
+@kernels_run_here
+def test_opcheck_triton_ops():
+    """``torch.library.opcheck`` (schema, fake tensors, autograd registration, AOT dispatch) on the four
+    Triton ops, at tiny shapes."""
+    t = _scan_inputs(1, 3, 4, 2)
+    scan = [t[n].requires_grad_() for n in ("u", "delta", "A", "B", "C", "freq", "D", "z")]
+    config = (0.5, 2, 2, 4)  # position_scale, group_size, chunk_size, block_channels
+    torch.library.opcheck(selective_triton.selective_scan_triton_fwd, (*scan, *config, False, True))
+    detached = [x.detach() for x in scan]
+    out, boundary = selective_triton.selective_scan_triton_fwd(*detached, *config, False, True)
+    torch.library.opcheck(
+        selective_triton.selective_scan_triton_bwd, (torch.randn_like(out), *detached, boundary, *config)
+    )
+    # without freq / D / z: the optional gradients come back empty
+    plain = (*detached[:5], None, None, None)
+    out, boundary = selective_triton.selective_scan_triton_fwd(*plain, *config, True, True)
+    torch.library.opcheck(
+        selective_triton.selective_scan_triton_bwd, (torch.randn_like(out), *plain, boundary, *config)
+    )
+    from defocus_scale.kernels.retention import triton as retention_triton
+
+    r = _retention_inputs(1, 5, 2, 4, 4)
+    retention = [r[n].requires_grad_() for n in ("q", "k", "v", "log_decay", "theta")]
+    torch.library.opcheck(retention_triton.retention_scan_triton_fwd, (*retention, 16, 16))
+    detached = [x.detach() for x in retention]
+    dout = torch.randn_like(detached[2])
+    torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached, 16, 16))
+    torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached[:4], None, 16, 16))
+
+
+@kernels_run_here
+def test_triton_backends_compile_without_graph_breaks():
+    """``torch.compile(fullgraph=True)`` (``aot_eager``: no code generation, the ops run as in eager)
+    through the public dispatch: one graph each, the same output and gradients as eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cases = [
+        (lambda **t: selective_scan(**t, group_size=2, backend="triton"), _scan_inputs(1, 5, 4, 2)),
+        (lambda **t: retention_scan(**t, backend="triton"), _retention_inputs(1, 5, 2, 4, 4)),
+    ]
+    for fn, inputs in cases:
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(fn, backend=counter, fullgraph=True)
+        results = []
+        for f in (compiled, compiled, fn):
+            leaves = {n: v.detach().clone().requires_grad_() for n, v in inputs.items()}
+            out = f(**leaves)
+            results.append((out, torch.autograd.grad(out.square().sum(), list(leaves.values()))))
+        assert counter.frame_count == 1, counter.frame_count
+        for got, want in zip([results[1][0], *results[1][1]], [results[2][0], *results[2][1]], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 # --- models and benchmark ------------------------------------------------------------------------------

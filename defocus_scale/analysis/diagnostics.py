@@ -98,7 +98,7 @@ def token_influence(block: nn.Module, hidden: torch.Tensor, query_chunk: int = 6
         for start in range(0, length, query_chunk):
             queries = torch.arange(start, min(start + query_chunk, length), device=hidden.device)
             replicas = hidden[image].detach().expand(len(queries), -1, -1).clone().requires_grad_(True)
-            out = block(replicas, 0.0)
+            out = block(replicas)  # eval mode: no drop path
             objective = out[torch.arange(len(queries)), queries].norm(dim=-1).sum()
             (grad,) = torch.autograd.grad(objective, replicas)
             image_rows.append(grad.norm(dim=-1))

@@ -73,6 +73,10 @@ class BandpassParams(nn.Module):
             freqs = rope_frequencies(self.head_dim, self.rope_base).float()
             self.theta.copy_(freqs.expand(self.num_heads, -1))
 
+    def forward(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(lambda_hat, theta)`` (each None when disabled)."""
+        return self.lambda_hat, self.theta
+
     def log_decay(self) -> torch.Tensor | None:
         """``lambda_h = -exp(lambda_hat_h)`` (always < 0, so the decay ``exp(lambda)`` stays below 1)."""
         return None if self.lambda_hat is None else -torch.exp(self.lambda_hat)

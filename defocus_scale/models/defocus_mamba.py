@@ -8,15 +8,17 @@ rotary ``freq`` on B and C (the band), plus a weightless group RMS norm on the s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import drop_path
+from timm.layers import register_notrace_module
 from torch import nn
 
 from defocus_scale.kernels import selective_scan
-from defocus_scale.models.registry import register_variant
-from defocus_scale.models.trunk import AuxHead, TokenClassifier
+from defocus_scale.models.registry import register_family
+from defocus_scale.models.trunk import DropPathRate, TokenClassifier, reject_scripting, scheduled_drop_path
 
 
 def default_rotary_freq(state_size: int) -> torch.Tensor:
@@ -26,6 +28,7 @@ def default_rotary_freq(state_size: int) -> torch.Tensor:
     return ((100.0 ** (-(n + 1) / state_size) - 0.01) / 0.99).float()
 
 
+@register_notrace_module  # FX: the selective scan is one leaf (it loops over tokens in Python)
 class DefocusMambaMixer(nn.Module):
     def __init__(
         self,
@@ -78,13 +81,20 @@ class DefocusMambaMixer(nn.Module):
         if self.freq is not None:
             self.freq.copy_(default_rotary_freq(self.state_size))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        reject_scripting(self, "the selective scan")
+        return self
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         length = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
         # Causal depthwise conv: left zero padding K-1 (the conv pads both sides; keep the first L).
         x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        delta = F.softplus(self.dt_proj(dt)) / self.delta_scale
+        # Under bf16 the dt_proj bias, A_log, D and freq stay fp32 (FP32_PARAMETERS): as in the release, the
+        # bias is added in fp32 to the (bf16) projection, so delta, A, D and freq reach the scan in fp32.
+        bias = self.dt_proj.bias
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(bias.dtype) + bias) / self.delta_scale
         A = -torch.exp(self.A_log)
         y = selective_scan(
             x, delta, A, B, C,
@@ -100,12 +110,20 @@ class DefocusMambaBlock(nn.Module):
         super().__init__()
         self.norm = nn.RMSNorm(embed_dim, eps=norm_eps)
         self.mixer = mixer
+        self.drop_path = DropPathRate()
 
-    def forward(self, x: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
-        return x + drop_path(self.mixer(self.norm(x)), drop_prob, self.training)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + scheduled_drop_path(self.mixer(self.norm(x)), self.drop_path.rate, self.training)
 
 
 class DefocusMamba(TokenClassifier):
+    """De-focus Mamba (``rotary=True``, ``group_size`` > 0) or plain Mamba; the other keyword arguments are
+    :class:`~defocus_scale.models.trunk.TokenClassifier`'s (classes, image and patch size, heads, pooling,
+    ``device``/``dtype`` ...)."""
+
+    # The SSM's decay (A_log), skip (D), step-size bias and the learned rotary band stay fp32 under bf16.
+    FP32_PARAMETERS = ("A_log", "D", "freq", "dt_proj.bias")
+
     def __init__(
         self,
         *,
@@ -119,40 +137,21 @@ class DefocusMamba(TokenClassifier):
         group_size: int = 64,
         rope_scale: float = 1.0,
         delta_scale: float = 1.0,
-        num_classes: int = 1000,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        img_size: int = 224,
-        drop_path_rate: float = 0.0,
-        aux_head: AuxHead = "tokens",
-        head_mlp_ratio: float = 0.0,
         backend: str = "auto",
+        **trunk: Any,
     ) -> None:
-        super().__init__(
-            embed_dim=embed_dim, depth=depth, num_classes=num_classes, patch_size=patch_size,
-            in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path_rate, aux_head=aux_head,
-            head_mlp_ratio=head_mlp_ratio,
-        )  # fmt: skip
         inner_dim = inner_dim or 2 * embed_dim
-        self.blocks.extend(
-            DefocusMambaBlock(
-                embed_dim,
-                DefocusMambaMixer(
-                    embed_dim,
-                    inner_dim,
-                    state_size=state_size,
-                    dt_rank=dt_rank,
-                    conv_kernel=conv_kernel,
-                    rotary=rotary,
-                    group_size=group_size,
-                    rope_scale=rope_scale,
-                    delta_scale=delta_scale,
+
+        def make_blocks() -> Iterator[nn.Module]:
+            for _ in range(depth):
+                mixer = DefocusMambaMixer(
+                    embed_dim, inner_dim, state_size=state_size, dt_rank=dt_rank, conv_kernel=conv_kernel,
+                    rotary=rotary, group_size=group_size, rope_scale=rope_scale, delta_scale=delta_scale,
                     backend=backend,
-                ),  # fmt: skip
-            )
-            for _ in range(depth)
-        )
-        self.init_weights()
+                )  # fmt: skip
+                yield DefocusMambaBlock(embed_dim, mixer)
+
+        super().__init__(embed_dim=embed_dim, depth=depth, make_blocks=make_blocks, **trunk)
 
 
 # Released sizes: Small 384x24 (inner 768), Base 768x24 (inner 1536), Large 1024x48 (inner 2048, MLP
@@ -166,9 +165,6 @@ MAMBA_SIZES: dict[str, dict] = {
     "3b": dict(embed_dim=2816, depth=62),
 }
 
-for _size, _cfg in MAMBA_SIZES.items():
-    register_variant(f"defocus_mamba_{_size}", DefocusMamba, "defocus_mamba", **_cfg)
-    # Baseline: plain Mamba, no rotary, no group norm, no aux head (the paper's Mamba-S/B counts).
-    register_variant(
-        f"mamba_{_size}", DefocusMamba, "mamba", rotary=False, group_size=0, aux_head="none", **_cfg
-    )
+register_family("defocus_mamba", DefocusMamba, MAMBA_SIZES, __name__)
+# Baseline: plain Mamba, no rotary, no group norm, no aux head (the paper's Mamba-S/B counts).
+register_family("mamba", DefocusMamba, MAMBA_SIZES, __name__, rotary=False, group_size=0, aux_head="none")

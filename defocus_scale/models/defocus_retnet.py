@@ -4,17 +4,22 @@ RetNet's values (``gamma_h = 1 - 2^(-5-h)``, RoPE angles)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from defocus_scale.kernels import retention_scan
 from defocus_scale.models.bandpass import BandpassParams
 from defocus_scale.models.defocus_vit import VIT_SIZES, TransformerBlock
-from defocus_scale.models.registry import register_variant
-from defocus_scale.models.trunk import AuxHead, TokenClassifier
+from defocus_scale.models.registry import register_family
+from defocus_scale.models.trunk import TokenClassifier, reject_scripting
 
 
+@register_notrace_module  # FX: the chunked retention scan is one leaf
 class MultiScaleRetention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, learnable: bool = True, backend: str = "auto") -> None:
         super().__init__()
@@ -28,13 +33,19 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.bandpass = BandpassParams(num_heads, self.head_dim, learnable=learnable, decay_init="retnet")
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        reject_scripting(self, "the retention scan")
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape)
         k = self.k_proj(x).view(shape) * self.head_dim**-0.5
         v = self.v_proj(x).view(shape)
-        out = retention_scan(q, k, v, self.bandpass.log_decay(), self.bandpass.theta, backend=self.backend)
+        lambda_hat, theta = self.bandpass()
+        log_decay = -torch.exp(lambda_hat)
+        out = retention_scan(q, k, v, log_decay, theta, backend=self.backend)
         # Per-head group norm (RetNet's, no affine): retention outputs differ in scale across heads.
         norm_dtype = torch.promote_types(out.dtype, torch.float32)  # at least fp32, as in RetNet
         out = F.rms_norm(out.to(norm_dtype), (self.head_dim,), eps=1e-6).to(x.dtype)
@@ -43,6 +54,12 @@ class MultiScaleRetention(nn.Module):
 
 
 class DefocusRetNet(TokenClassifier):
+    """De-focus RetNet (``learnable=True``) or RetNet; the other keyword arguments are
+    :class:`~defocus_scale.models.trunk.TokenClassifier`'s."""
+
+    # The learned per-head decay and rotary angles stay fp32 under bf16 (the baseline's are buffers).
+    FP32_PARAMETERS = ("bandpass.lambda_hat", "bandpass.theta")
+
     def __init__(
         self,
         *,
@@ -51,29 +68,15 @@ class DefocusRetNet(TokenClassifier):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         learnable: bool = True,
-        num_classes: int = 1000,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        img_size: int = 224,
-        drop_path_rate: float = 0.0,
-        aux_head: AuxHead = "tokens",
-        head_mlp_ratio: float = 0.0,
         backend: str = "auto",
+        **trunk: Any,
     ) -> None:
-        super().__init__(
-            embed_dim=embed_dim, depth=depth, num_classes=num_classes, patch_size=patch_size,
-            in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path_rate, aux_head=aux_head,
-            head_mlp_ratio=head_mlp_ratio,
-        )  # fmt: skip
-        self.blocks.extend(
-            TransformerBlock(
-                embed_dim,
-                MultiScaleRetention(embed_dim, num_heads, learnable=learnable, backend=backend),
-                mlp_ratio,
-            )
-            for _ in range(depth)
-        )
-        self.init_weights()
+        def make_blocks() -> Iterator[nn.Module]:
+            for _ in range(depth):
+                mixer = MultiScaleRetention(embed_dim, num_heads, learnable=learnable, backend=backend)
+                yield TransformerBlock(embed_dim, mixer, mlp_ratio)
+
+        super().__init__(embed_dim=embed_dim, depth=depth, make_blocks=make_blocks, **trunk)
 
 
 # ViT's sizes; a RetNet layer has 13 d^2 weights to ViT's 12 (the gate), so 1b/3b are one step shallower.
@@ -83,7 +86,6 @@ RETNET_SIZES: dict[str, dict] = {
     "3b": {**VIT_SIZES["3b"], "depth": 35},
 }
 
-for _size, _cfg in RETNET_SIZES.items():
-    register_variant(f"defocus_retnet_{_size}", DefocusRetNet, "defocus_retnet", **_cfg)
-    # RetNet baseline: fixed decay and angles, no aux head.
-    register_variant(f"retnet_{_size}", DefocusRetNet, "retnet", learnable=False, aux_head="none", **_cfg)
+register_family("defocus_retnet", DefocusRetNet, RETNET_SIZES, __name__)
+# RetNet baseline: fixed decay and angles, no aux head.
+register_family("retnet", DefocusRetNet, RETNET_SIZES, __name__, learnable=False, aux_head="none")

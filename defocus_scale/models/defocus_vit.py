@@ -11,16 +11,21 @@ CIFAR-10 subset, two seeds, test top-1 38.9/38.3% additive vs 38.2/37.2% multipl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
-from timm.layers import Mlp, drop_path
+import torch.nn.functional as F
+from timm.layers import Mlp, register_notrace_module
 from torch import nn
 
 from defocus_scale.kernels import defocus_attention
 from defocus_scale.models.bandpass import BandpassParams
-from defocus_scale.models.registry import register_variant
-from defocus_scale.models.trunk import AuxHead, TokenClassifier
+from defocus_scale.models.registry import register_family
+from defocus_scale.models.trunk import DropPathRate, TokenClassifier, reject_scripting, scheduled_drop_path
 
 
+@register_notrace_module  # FX: one leaf (FlexAttention / SDPA dispatch)
 class DefocusAttention(nn.Module):
     def __init__(
         self,
@@ -47,14 +52,26 @@ class DefocusAttention(nn.Module):
             decay_init="loguniform", decay_range=decay_range,
         )  # fmt: skip
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.bandpass.lambda_hat is not None or self.bandpass.theta is not None:
+            reject_scripting(self, "De-focus attention (decay and rotary score modification)")
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
-        out = defocus_attention(
-            q, k, v,
-            lambda_hat=self.bandpass.lambda_hat, theta=self.bandpass.theta,
-            causal=self.causal, decay_mode=self.decay_mode, backend=self.backend,
-        )  # fmt: skip
+        if torch.jit.is_scripting():
+            # Only the bandpass-free baselines script (see __prepare_scriptable__): plain (causal) SDPA, as
+            # the operator's SDPA form computes it without decay and rotary.
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)
+        else:
+            lambda_hat, theta = self.bandpass()
+            out = defocus_attention(
+                q, k, v,
+                lambda_hat=lambda_hat, theta=theta,
+                causal=self.causal, decay_mode=self.decay_mode, backend=self.backend,
+            )  # fmt: skip
         return self.proj(out.reshape(batch, length, dim))
 
 
@@ -65,13 +82,22 @@ class TransformerBlock(nn.Module):
         self.mixer = mixer
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPathRate()
 
-    def forward(self, x: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
-        x = x + drop_path(self.mixer(self.norm1(x)), drop_prob, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), drop_prob, self.training)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rate = self.drop_path.rate
+        x = x + scheduled_drop_path(self.mixer(self.norm1(x)), rate, self.training)
+        return x + scheduled_drop_path(self.mlp(self.norm2(x)), rate, self.training)
 
 
 class DefocusViT(TokenClassifier):
+    """De-focus ViT, causal ViT (``decay=rotary=False, pos_embed=True``) or DeiT (also ``causal=False``); the
+    other keyword arguments are :class:`~defocus_scale.models.trunk.TokenClassifier`'s (``pos_embed`` and
+    ``dynamic_img_size`` among them)."""
+
+    # The learned per-head decay and rotary frequencies stay fp32 under bf16.
+    FP32_PARAMETERS = ("bandpass.lambda_hat", "bandpass.theta")
+
     def __init__(
         self,
         *,
@@ -85,40 +111,18 @@ class DefocusViT(TokenClassifier):
         learnable: bool = True,
         decay_mode: str = "additive",
         decay_range: tuple[float, float] = (2.0**-8, 2.0**-1),
-        pos_embed: bool = False,
-        num_classes: int = 1000,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        img_size: int = 224,
-        drop_path_rate: float = 0.0,
-        aux_head: AuxHead = "tokens",
-        head_mlp_ratio: float = 0.0,
         backend: str = "auto",
+        **trunk: Any,
     ) -> None:
-        super().__init__(
-            embed_dim=embed_dim, depth=depth, num_classes=num_classes, patch_size=patch_size,
-            in_chans=in_chans, img_size=img_size, drop_path_rate=drop_path_rate, aux_head=aux_head,
-            head_mlp_ratio=head_mlp_ratio, pos_embed=pos_embed,
-        )  # fmt: skip
-        self.blocks.extend(
-            TransformerBlock(
-                embed_dim,
-                DefocusAttention(
-                    embed_dim,
-                    num_heads,
-                    causal=causal,
-                    decay=decay,
-                    rotary=rotary,
-                    learnable=learnable,
-                    decay_mode=decay_mode,
-                    decay_range=decay_range,
-                    backend=backend,
-                ),  # fmt: skip
-                mlp_ratio,
-            )
-            for _ in range(depth)
-        )
-        self.init_weights()
+        def make_blocks() -> Iterator[nn.Module]:
+            for _ in range(depth):
+                mixer = DefocusAttention(
+                    embed_dim, num_heads, causal=causal, decay=decay, rotary=rotary, learnable=learnable,
+                    decay_mode=decay_mode, decay_range=decay_range, backend=backend,
+                )  # fmt: skip
+                yield TransformerBlock(embed_dim, mixer, mlp_ratio)
+
+        super().__init__(embed_dim=embed_dim, depth=depth, make_blocks=make_blocks, **trunk)
 
 
 # DeiT sizes (the paper's ViT-S/B); large is ViT-L; 1b/3b scale width and depth.
@@ -131,16 +135,14 @@ VIT_SIZES: dict[str, dict] = {
     "3b": dict(embed_dim=2560, depth=38, num_heads=20),
 }
 
-for _size, _cfg in VIT_SIZES.items():
-    # De-focus ViT: causal, learnable decay + learnable RoPE, positions from the rotary only.
-    register_variant(f"defocus_vit_{_size}", DefocusViT, "defocus_vit", **_cfg)
-    # Causal ViT baseline: causal mask, absolute position embedding, no bandpass, no aux head.
-    register_variant(
-        f"causal_vit_{_size}", DefocusViT, "causal_vit",
-        decay=False, rotary=False, pos_embed=True, aux_head="none", **_cfg,
-    )  # fmt: skip
-    # DeiT baseline: bidirectional attention, absolute position embedding, no aux head.
-    register_variant(
-        f"deit_{_size}", DefocusViT, "deit",
-        causal=False, decay=False, rotary=False, pos_embed=True, aux_head="none", **_cfg,
-    )  # fmt: skip
+# De-focus ViT: causal, learnable decay + learnable RoPE, positions from the rotary only.
+register_family("defocus_vit", DefocusViT, VIT_SIZES, __name__)
+# Causal ViT baseline: causal mask, absolute position embedding, no bandpass, no aux head.
+register_family(
+    "causal_vit", DefocusViT, VIT_SIZES, __name__, decay=False, rotary=False, pos_embed=True, aux_head="none"
+)
+# DeiT baseline: bidirectional attention, absolute position embedding, no aux head.
+register_family(
+    "deit", DefocusViT, VIT_SIZES, __name__,
+    causal=False, decay=False, rotary=False, pos_embed=True, aux_head="none",
+)  # fmt: skip

@@ -1,53 +1,31 @@
 """Loading the released De-focus Mamba checkpoints into our model.
 
-The architecture is read off the tensor shapes; ``group_norm_size``, ``rope_scale`` and
-``delta_scale`` are not stored in the checkpoints and must be passed in (Large 384-px: 64, 4.0, 2.0).
+The architecture is read off the tensor shapes; ``group_norm_size``, ``rope_scale``, ``delta_scale``, the
+image size and the token order are not in the tensors: they come from the release's config when the file
+holds it (the training script's checkpoints do), else from the arguments (the release's defaults: 64, 1.0,
+1.0, 224, raster order; Large 384-px: 64, 4.0, 2.0, 384). Files are read without unpickling code
+(:mod:`defocus_scale.models.release`).
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from defocus_scale.models.defocus_mamba import DefocusMamba
+from defocus_scale.models.defocus_mamba import MAMBA_SIZES, DefocusMamba
+from defocus_scale.models.registry import create_model
+from defocus_scale.models.release import Checkpoint, CheckpointError, read_checkpoint, release_settings
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+RELEASE_DEFAULTS: dict[str, Any] = dict(group_size=64, rope_scale=1.0, delta_scale=1.0, img_size=224,
+                                        token_order="raster")  # fmt: skip
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match the released De-focus Mamba layout."""
-
-
-def _read_state_dict(source: str | Path | Mapping[str, object], use_ema: bool) -> dict[str, torch.Tensor]:
-    name = "the given state dict"
-    if isinstance(source, str | Path):
-        name = str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {name} does not exist")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-            raise CheckpointError(
-                f"checkpoint {name} could not be read (corrupt or not a torch file): {exc}"
-            ) from exc
-    if not isinstance(source, Mapping):
-        raise CheckpointError(f"{name} holds a {type(source).__name__}, expected a state dict")
-    wanted = "model_ema" if use_ema else "model"
-    if wanted in source:
-        source = source[wanted]
-    elif use_ema:
-        raise CheckpointError(f"{name} has no 'model_ema' entry (keys: {sorted(source)[:10]})")
-    state = {}
-    for key, value in source.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{name}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        state[key.removeprefix("module.")] = value
-    return state
+__all__ = ["CheckpointError", "infer_architecture", "load_official_checkpoint", "release_model_kwargs"]
 
 
 def _require(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -87,33 +65,71 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
     )  # fmt: skip
 
 
+def release_model_kwargs(
+    checkpoint: Checkpoint, *, use_ema: bool = False, **explicit: Any
+) -> tuple[str, dict]:
+    """``(variant, keyword arguments)`` that rebuild a released checkpoint's model with ``create_model``.
+
+    ``explicit`` settings (``group_size``, ``rope_scale``, ``delta_scale``, ``img_size``,
+    ``token_order``; None means unset) fill what the file's config does not say; contradicting its config
+    is an error (except ``img_size``: the model takes other sizes)."""
+    arch = infer_architecture(checkpoint.state_dict(use_ema))
+    from_config = release_settings(checkpoint.config)
+    settings = {**RELEASE_DEFAULTS, **from_config}
+    for key, value in explicit.items():
+        if value is None:
+            continue
+        if key in from_config and from_config[key] != value and key != "img_size":
+            raise CheckpointError(f"{key}={value!r} contradicts {checkpoint.source}'s release config, "
+                                  "which says "
+                                  f"{from_config[key]!r}")  # fmt: skip
+        settings[key] = value
+    family = "defocus_mamba" if arch["rotary"] else "mamba"
+    shape = (arch["embed_dim"], arch["depth"])
+    size = next((s for s, kw in MAMBA_SIZES.items() if (kw["embed_dim"], kw["depth"]) == shape), "base")
+    return f"{family}_{size}", {**arch, **settings}
+
+
+def materialize_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (the drop-path rates) of a model built on meta and loaded with ``assign``."""
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    if hasattr(model, "set_drop_path_rate"):
+        model.set_drop_path_rate(model.drop_path_rate)
+
+
 def load_official_checkpoint(
     path_or_state_dict: str | Path | Mapping[str, object],
-    group_norm_size: int = 64,
-    rope_scale: float = 1.0,
-    delta_scale: float = 1.0,
-    img_size: int = 224,
+    group_norm_size: int | None = None,
+    rope_scale: float | None = None,
+    delta_scale: float | None = None,
+    img_size: int | None = None,
     *,
     use_ema: bool = False,
     backend: str = "auto",
+    token_order: str | None = None,
 ) -> DefocusMamba:
     """Build our De-focus Mamba from a released checkpoint (a raw state dict, or a dict holding it under
-    ``model`` / ``model_ema``) and return it in eval mode, giving the published logits.
+    ``model`` / ``model_ema``, with or without the release's config) and return it in eval mode, giving the
+    published logits.
 
     Any key the released layout does not have, or lacks, is an error naming the keys.
     """
-    state = _read_state_dict(path_or_state_dict, use_ema)
-    arch = infer_architecture(state)
+    checkpoint = read_checkpoint(path_or_state_dict)
+    name, kwargs = release_model_kwargs(
+        checkpoint, use_ema=use_ema, group_size=group_norm_size, rope_scale=rope_scale,
+        delta_scale=delta_scale, img_size=img_size, token_order=token_order,
+    )  # fmt: skip
+    state = checkpoint.state_dict(use_ema)
     with torch.device("meta"):
-        model = DefocusMamba(
-            **arch, group_size=group_norm_size, rope_scale=rope_scale, delta_scale=delta_scale,
-            img_size=img_size, backend=backend,
-        )  # fmt: skip
+        model = create_model(name, backend=backend, **kwargs)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint does not match the inferred architecture {arch}: "
+            f"checkpoint does not match the inferred architecture {kwargs}: "
             f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
@@ -122,4 +138,5 @@ def load_official_checkpoint(
             got, want = tuple(state[key].shape), tuple(tensor.shape)
             raise CheckpointError(f"key {key!r} has shape {got}, expected {want}")
     model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in state.items()}, assign=True)
+    materialize_meta_buffers(model)
     return model.eval()

@@ -164,7 +164,7 @@ def count_forward_flops(model: nn.Module) -> FlopCount:
     model.train()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(images, drop_path_rate=0.0)
+            model.forward_train(images, drop_path_rate=0.0)
     finally:
         model.train(was_training)
     tokens = tokens_per_image(model)

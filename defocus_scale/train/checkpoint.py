@@ -245,15 +245,30 @@ class Checkpointer:
         if self._pending is not None and self._pending.future.done():
             self.wait()
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
+        """Finish the pending async save: its copy, its writing (a failed write is re-raised), the commit
+        (rank 0). DCP's writer thread for the save is joined as well: it holds the checkpoint group until it
+        ends, and no thread of a save may outlive the call. Past ``timeout`` seconds of writing,
+        ``TimeoutError`` is raised and the save stays pending."""
+        import threading
+        from concurrent import futures
+
         self.wait_for_staging()
         if self._pending is None:
             return
-        pending, self._pending = self._pending, None
+        pending = self._pending
+        if not futures.wait([pending.future], timeout).done:
+            raise TimeoutError(f"the checkpoint of step {pending.step} is still being written")
+        self._pending = None
         try:
             pending.future.result()  # re-raises a failed write
         finally:
             pending.stager.close()
+            # DCP's executor thread ends right after the future's callbacks (its executor shuts down then).
+            writers = [t for t in threading.enumerate() if t.name.startswith("AsyncCheckpointExecutor")]
+            for thread in writers:
+                if thread is not threading.current_thread():
+                    thread.join(timeout=60)
         self._finish(pending.step)
 
     def _finish(self, step: int) -> None:
@@ -280,12 +295,40 @@ class Checkpointer:
         dcp.load({"train": state}, storage_reader=self.store.reader(step))
         return self.store.read_json(step, TRAINER_STATE)
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, *, abandon: bool = False, timeout: float = 10.0) -> None:
+        """Finish the pending save and destroy the checkpoint group; a second call does nothing.
+
+        Every rank calls it at the same point of a run that went well: the pending save is awaited and
+        committed, then the ranks meet at a barrier on the group before it goes (gloo aborts a process whose
+        peer tears a group down while it is still in use). ``abandon`` is for the error and termination
+        paths, where the other ranks may be dead or elsewhere: no collective at all; the pending save gets
+        ``timeout`` seconds to finish by itself (every rank's writer thread carries on without its main
+        thread) and is committed if it did, else left uncommitted -- skipped on resume -- with its writer
+        thread left to the process's exit. Abandoning never raises: problems are logged."""
+        if not abandon:
+            self.wait()
+            if self._group is not None:
+                group, self._group = self._group, None
+                dist.barrier(group=group)
+                dist.destroy_process_group(group)
+            return
+        pending = self._pending
+        try:
+            self.wait(timeout=timeout)
+        except TimeoutError:
+            logger.warning("abandoning the checkpoint of step %s: still being written; it stays uncommitted",
+                           pending.step if pending else "?")  # fmt: skip
+            self._pending = self._staging = None
+        except Exception:  # noqa: BLE001 -- abandoning: the run is failing anyway
+            logger.warning("the pending checkpoint failed; it stays uncommitted", exc_info=True)
+            self._pending = self._staging = None
         if self._group is not None:
-            dist.barrier(group=self._group)  # no rank tears the group down while another still uses it
-            dist.destroy_process_group(self._group)
-            self._group = None
+            group, self._group = self._group, None
+            try:
+                if dist.is_initialized():
+                    dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001
+                logger.warning("destroying the checkpoint process group failed", exc_info=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -97,6 +97,11 @@ class TrainerConfig:
     # Keep the key of every consumed sample in the checkpoints (trainer_state.json "consumed_keys"): an
     # exactly-once audit for tests and fault drills; the list grows with the run, so keep it off otherwise.
     audit_samples: bool = False
+    # Non-finite safety: a step whose loss or gradient norm is NaN/inf is skipped (no optimizer step, no EMA
+    # update); this many in a row stop the run with a message naming the steps and samples (0: never stop).
+    max_nonfinite_steps: int = 3
+    skip_steps: list[int] = field(default_factory=list)  # steps (1-based) whose batches are drawn and dropped
+    inject_nonfinite_at: list[int] = field(default_factory=list)  # fault drill: NaN loss at these steps
 
 
 @dataclass
@@ -135,6 +140,7 @@ def _check(cfg: TrainConfig) -> None:
         ("trainer.checkpoint_every", trainer.checkpoint_every, 0),
         ("trainer.keep_last", trainer.keep_last, 1),
         ("trainer.log_every", trainer.log_every, 1),
+        ("trainer.max_nonfinite_steps", trainer.max_nonfinite_steps, 0),
         ("optim.lr_reference_batch", cfg.optim.lr_reference_batch, 1),
     ]:  # fmt: skip
         if value < least:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 
@@ -43,14 +44,27 @@ class ShardedEMA:
             if state[name] is not tensor:
                 _local(tensor).copy_(_local(state[name]))
 
+    def _reshard(self) -> None:
+        """Free every FSDP unit's gathered copy, so the next forward gathers the shards written here.
+
+        FSDP2 keeps the root unit (and any unit with ``reshard_after_forward=False``) gathered after a
+        no-grad forward; writing the shards then changes nothing the next forward reads."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """The EMA weights in the model for the duration (e.g. to evaluate them), then the live ones back."""
+        """The EMA weights in the model for the duration (e.g. to evaluate them), then the live ones back.
+
+        Only each rank's shards are copied (no full copy of the model anywhere)."""
+        self._reshard()
         with torch.no_grad():
             live = [_local(p).clone() for p in self._params]
             torch._foreach_copy_([_local(p) for p in self._params], [_local(t) for t in self.shadow.values()])
         try:
             yield
         finally:
+            self._reshard()
             with torch.no_grad():
                 torch._foreach_copy_([_local(p) for p in self._params], live)

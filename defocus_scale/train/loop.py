@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -30,20 +31,22 @@ from defocus_scale.train.checkpoint import (
 )
 from defocus_scale.train.config import TrainConfig, config_to_dict, resolve_batch
 from defocus_scale.train.ema import ShardedEMA
-from defocus_scale.train.export import init_from_exported
+from defocus_scale.train.export import init_from
 from defocus_scale.train.metrics import (
     MetricsWriter,
     peak_flops_per_device,
     peak_memory_bytes,
     train_flops_per_sample,
 )
+from defocus_scale.train.nonfinite import NonFiniteGuard, NonFiniteTrainingError, all_finite, gather_keys
 from defocus_scale.train.optim import build_optimizer, clip_grad_norm, lr_schedule, scaled_lr, set_lr
 from defocus_scale.train.parallel import (
     DistEnv,
+    all_reduce_replicated_grads,
     build_sharded_model,
-    compile_blocks,
     init_distributed,
     mixed_precision_policy,
+    replicated_parameters,
 )
 
 logger = logging.getLogger(__name__)
@@ -81,35 +84,35 @@ class LockstepBatches:
     """Micro-batches across epochs, with every rank ending each epoch at the same batch (ranks' shares
     may differ by a batch; FSDP needs all ranks in every step). Leftovers of an epoch are dropped.
 
-    With ``audit`` the sample keys of every batch handed out are kept in ``consumed`` (the loader must
-    offer ``batches_with_keys()``, as ``defocus_scale.data.loader.TrainLoader`` does)."""
+    Batches come with their sample keys when the loader offers ``batches_with_keys()`` (as
+    ``defocus_scale.data.loader.TrainLoader`` does): they name the samples of a non-finite step. With
+    ``audit`` the keys of every batch handed out are also kept in ``consumed``."""
 
     def __init__(
         self, loader: TrainLoaderLike, epoch: int, device: torch.device, audit: bool = False
     ) -> None:
         self.loader, self.epoch, self.device, self.audit = loader, epoch, device, audit
         self._batches: Iterator[Any] | None = None
+        self._with_keys = getattr(loader, "batches_with_keys", None)
+        if audit and self._with_keys is None:
+            raise TypeError("trainer.audit_samples needs a train loader with batches_with_keys()")
         self.consumed: list[str] = []
 
     def _iterate(self) -> Iterator[Any]:
-        if not self.audit:
-            return iter(self.loader)
-        with_keys = getattr(self.loader, "batches_with_keys", None)
-        if with_keys is None:
-            raise TypeError("trainer.audit_samples needs a train loader with batches_with_keys()")
-        return with_keys()
+        if self._with_keys is None:
+            return ((images, targets, []) for images, targets in self.loader)
+        return self._with_keys()
 
-    def next(self) -> Batch:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         for _attempt in range(2):
             if self._batches is None:
                 self._batches = self._iterate()
             batch = next(self._batches, None)
             if _all_ranks_have(batch is not None, self.device):
+                images, targets, keys = batch  # type: ignore[misc]
                 if self.audit:
-                    images, targets, keys = batch  # type: ignore[misc]
                     self.consumed.extend(keys)
-                    return images, targets
-                return batch  # type: ignore[return-value]
+                return images, targets, list(keys)
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
             self._batches = None
@@ -128,16 +131,20 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss, count
     batches = iter(loader)
-    seen = 0
+    seen, full = 0, None
     while True:
         batch = next(batches, None) if max_batches is None or seen < max_batches else None
         seen += 1
         if not _any_rank_has(batch is not None, env.device):
             break
-        images = (batch[0] if batch is not None else torch.zeros(1, 3, image_size, image_size)).to(
-            env.device, non_blocking=True
-        )
-        logits = model(images).float()
+        # Every forward sees one batch shape (the first batch's; the last, short one and the dummy of a
+        # rank that ran out are padded), so compiled blocks are not recompiled for eval leftovers.
+        images = batch[0] if batch is not None else torch.zeros(0, 3, image_size, image_size)
+        full = full or max(images.shape[0], 1)
+        count = images.shape[0]
+        if count < full:
+            images = torch.cat([images, images.new_zeros(full - count, *images.shape[1:])])
+        logits = model(images.to(env.device, non_blocking=True)).float()[:count]
         if batch is None:
             continue
         labels = batch[1].to(env.device)
@@ -227,7 +234,7 @@ def train(
     }
     model = build_sharded_model(
         cfg.model.name, model_kwargs, env, precision=trainer.precision,
-        activation_checkpointing=trainer.activation_checkpointing, seed=trainer.seed,
+        activation_checkpointing=trainer.activation_checkpointing, compile=trainer.compile, seed=trainer.seed,
     )  # fmt: skip
     lr_peak = scaled_lr(cfg.optim.lr, plan.global_batch, cfg.optim.lr_reference_batch)
     optimizer = build_optimizer(
@@ -251,7 +258,7 @@ def train(
     # Keys of the samples consumed in this run so far (trainer.audit_samples): carried by checkpoints.
     audit_log: list[str] = list(saved.get("consumed_keys", [])) if saved else []
     if resumed_from is None and trainer.init_from:
-        skipped = init_from_exported(model, trainer.init_from)
+        skipped = init_from(model, trainer.init_from)
         if env.is_main:
             console.print(f"initialised from {trainer.init_from}; kept fresh: {skipped or 'nothing'}")
         if ema is not None:
@@ -263,9 +270,6 @@ def train(
         train_loader.load_state_dict(loader_states)
     if hooks is not None:
         hooks.on_resume(step, resumed_from)
-    if trainer.compile:
-        compile_blocks(model)
-
     # MFU bookkeeping: FLOPs of one training sample on a meta copy, the stated per-device peak.
     flops_per_sample = train_flops_per_sample(
         lambda: create_model(cfg.model.name, **model_kwargs), cfg.data.image_size
@@ -293,7 +297,10 @@ def train(
     batches = LockstepBatches(train_loader, epoch, env.device, audit=trainer.audit_samples)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    replicated = replicated_parameters(model)  # the fp32 part of a bf16 run: averaged by hand
     label_smoothing = cfg.data.label_smoothing
+    guard = NonFiniteGuard(trainer.max_nonfinite_steps, trainer.run_dir, env.is_main)
+    skip_steps, inject_nonfinite = set(trainer.skip_steps), set(trainer.inject_nonfinite_at)
     first_step, losses, blocked_by_save = step, [], 0.0
     progress = _progress(console, trainer.max_steps, step, enabled=env.is_main and trainer.progress)
     task = progress.add_task("train", total=trainer.max_steps, completed=step, status="")
@@ -302,41 +309,57 @@ def train(
         while step < last_step:
             start = time.perf_counter()
             lr, rate = lr_at(step), drop_path.rate(step, trainer.max_steps)
+            if step + 1 in skip_steps:  # trainer.skip_steps: draw this step's batches and drop them
+                for _micro in range(plan.accumulation):
+                    batches.next()
+                step += 1
+                if metrics is not None:
+                    metrics.log(step, {"skipped_by_config": 1.0, "epoch": batches.epoch}, table="skipped")
+                continue
             set_lr(optimizer, lr)
-            sums = torch.zeros(3, dtype=torch.float64)  # total, main, aux (means over micro-batches)
+            sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # total, main, aux
+            step_keys: list[str] = []
             for micro in range(plan.accumulation):
-                images, targets = batches.next()
+                images, targets, keys = batches.next()
+                step_keys += keys
                 images = images.to(env.device, non_blocking=True)
                 targets = targets.to(env.device, non_blocking=True)
                 # Reduce-scatter gradients only on the last micro-batch of the step.
                 model.set_requires_gradient_sync(micro == plan.accumulation - 1)
                 parts = defocus_loss(
-                    model(images, drop_path_rate=rate), targets, label_smoothing if targets.ndim == 1 else 0.0
+                    model.forward_train(images, rate), targets, label_smoothing if targets.ndim == 1 else 0.0
                 )
-                (parts.total / plan.accumulation).backward()
-                aux = parts.aux.detach() if parts.aux is not None else torch.tensor(float("nan"))
-                sums += torch.stack(
-                    [parts.total.detach().cpu(), parts.main.detach().cpu(), aux.cpu()]
-                ).double()
-            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
-            blocked_by_save += checkpointer.wait_for_staging()  # the last save's copy must be complete
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
-            step += 1
-            mean_losses = sums.to(env.device) / (plan.accumulation * env.world_size)
+                total = parts.total
+                if step + 1 in inject_nonfinite:  # trainer.inject_nonfinite_at: a fault drill
+                    total = total * float("nan")
+                (total / plan.accumulation).backward()
+                aux = parts.aux if parts.aux is not None else torch.full_like(parts.main, float("nan"))
+                sums += torch.stack([total.detach(), parts.main.detach(), aux.detach()]).double()
+            all_reduce_replicated_grads(replicated, env.world_size)
+            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)  # all-reduced: one decision on every rank
+            mean_losses = sums / (plan.accumulation * env.world_size)
             dist.all_reduce(mean_losses)
-            loss = mean_losses[0].item()
+            loss, grad_norm_value = mean_losses[0].item(), grad_norm.item()
+            finite = math.isfinite(loss) and math.isfinite(grad_norm_value)
+            blocked_by_save += checkpointer.wait_for_staging()  # the last save's copy must be complete
+            if finite:
+                optimizer.step()
+                if ema is not None:
+                    ema.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            nonfinite_keys = [] if finite else gather_keys(step_keys, env.world_size)
+            guard.observe(step, finite, nonfinite_keys, checkpointer.last_committed)
             losses.append(loss)
             seconds = time.perf_counter() - start
             images_per_s = plan.global_batch / seconds
             record = {
                 "loss": loss, "loss_main": mean_losses[1].item(), "loss_aux": mean_losses[2].item(),
-                "lr": lr, "drop_path": rate, "grad_norm": grad_norm.item(), "images_per_s": images_per_s,
+                "lr": lr, "drop_path": rate, "grad_norm": grad_norm_value, "images_per_s": images_per_s,
                 "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
                 "step_seconds": seconds, "epoch": batches.epoch,
                 "peak_memory_gib": peak_memory_bytes(env.device) / 2**30,
+                "step_skipped": 0.0 if finite else 1.0, "nonfinite_steps": float(guard.total),
             }  # fmt: skip
             if metrics is not None:
                 metrics.log(step, record)
@@ -345,11 +368,13 @@ def train(
                 hooks.on_step_end(step, loss)
             checkpointer.poll()
             if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == last_step):
+                _refuse_nonfinite_state(state, env, step)
                 trainer_state = {
                     "step": step, "epoch": batches.epoch, "world_size": env.world_size,
                     "loader_states": _gather_objects(train_loader.state_dict(), env.world_size),
                     "rng_states": _gather_objects(rng_state(), env.world_size),
                     "global_batch": plan.global_batch, "config": config_to_dict(cfg),
+                    "nonfinite_steps": guard.total,
                 }  # fmt: skip
                 if trainer.audit_samples:  # every rank's keys since the last save, in rank order
                     gathered = _gather_objects(batches.consumed, env.world_size)
@@ -360,6 +385,7 @@ def train(
                 if metrics is not None:  # the metrics up to a checkpoint are as durable as it is
                     metrics.flush()
             if trainer.eval_every and step % trainer.eval_every == 0 and step < last_step:
+                blocked_by_save += checkpointer.wait_for_staging()  # the EMA swap writes the parameters
                 _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
     checkpointer.close()
     final_eval = _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
@@ -377,8 +403,40 @@ def train(
         "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
         "lr_peak": lr_peak, "flops_per_sample": flops_per_sample, "peak_flops_per_device": peak,
         "peak_flops_source": peak_note, "seconds_blocked_by_checkpoints": blocked_by_save,
-        "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], **final_eval,
+        "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], "nonfinite_steps": guard.total,
+        **compile_counters(trainer.compile), **final_eval,
     }  # fmt: skip
+
+
+def _refuse_nonfinite_state(state: TrainState, env: DistEnv, step: int) -> None:
+    """A checkpoint must never hold NaN/inf weights, optimizer moments or EMA: it would become the resume
+    point. Skipped steps keep the state finite, so this firing means a finite gradient overflowed it."""
+    tensors = [p for p in state.model.parameters()]
+    for per_param in state.optimizer.state.values():
+        tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor) and v.ndim > 0]
+    if state.ema is not None:
+        tensors += list(state.ema.state_dict().values())
+    if not all_finite(tensors, env.device):
+        raise NonFiniteTrainingError(
+            f"step {step}: the weights, optimizer state or EMA hold NaN/inf values; not saving a checkpoint "
+            "of them (the newest complete checkpoint is kept as the resume point)"
+        )
+
+
+def compile_counters(enabled: bool) -> dict[str, Any]:
+    """Dynamo's counts for this process (trainer.compile): graphs, graph breaks and recompilations."""
+    if not enabled:
+        return {}
+    from torch._dynamo.utils import counters
+
+    return {
+        "compile/unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+        "compile/graph_breaks": int(sum(counters["graph_break"].values())),
+        "compile/frames_ok": int(counters["frames"].get("ok", 0)),
+        "compile/frames_total": int(counters["frames"].get("total", 0)),
+        "compile/recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        "compile/graph_break_reasons": sorted(counters["graph_break"])[:10],
+    }
 
 
 def _resume_or_start(

@@ -37,7 +37,7 @@ def train_flops_per_sample(model_fn: Any, image_size: int) -> float:
         model.train()
         images = torch.empty(1, 3, image_size, image_size)
         with FlopCounterMode(display=False) as counter:
-            output = model(images)
+            output = model.forward_train(images)
             defocus_loss(output, torch.zeros(1, dtype=torch.long)).total.backward()
     return float(counter.get_total_flops())
 
@@ -127,6 +127,12 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self._tb is not None:
-            self._tb.close()
+        """Flush the rows left and close TensorBoard's writer, which joins its background thread (a daemon
+        thread: left running, the interpreter's exit would kill it mid-write). TensorBoard is closed even
+        if the Parquet flush fails; a second call does nothing."""
+        try:
+            self.flush()
+        finally:
+            writer, self._tb = self._tb, None
+            if writer is not None:
+                writer.close()

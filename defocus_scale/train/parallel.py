@@ -3,16 +3,18 @@ and at the root -> materialise on the target device -> ``init_weights``. No rank
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
-from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
 
 from defocus_scale.models import TokenClassifier, create_model
@@ -59,7 +61,7 @@ def _free_port() -> int:
 
 def mixed_precision_policy(precision: str, device: torch.device) -> MixedPrecisionPolicy:
     """``bf16``: bf16 compute with fp32 gradient reduction; ``fp32``; ``auto``: bf16 on CUDA, fp32 on CPU
-    (gloo cannot reduce bf16 and CPU bf16 matmuls are slow)."""
+    (CPU bf16 matmuls are slow). The family's fp32 parameters stay out of it (see :func:`shard_model`)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"trainer.precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -68,22 +70,67 @@ def mixed_precision_policy(precision: str, device: torch.device) -> MixedPrecisi
 
 
 def shard_model(
-    model: nn.Module,
+    model: TokenClassifier,
     mesh: DeviceMesh,
     policy: MixedPrecisionPolicy,
     *,
     activation_checkpointing: bool = False,
-) -> nn.Module:
-    """FSDP2 on every block (so one block's parameters are gathered at a time) and on the root."""
+    compile: bool = False,
+) -> TokenClassifier:
+    """Apply the model's plan in torchtitan's order: activation checkpointing and ``torch.compile`` per
+    block, then FSDP2 per block and at the root.
+
+    Precision plan: under a low-precision ``param_dtype`` the family's ``fp32_parameter_names()`` (the
+    bandpass and SSM scalars) are left out of FSDP (``ignored_params``): replicated fp32 tensors that the
+    forward reads as they are, whose gradients :func:`all_reduce_replicated_grads` averages. They are a
+    few per mille of the weights. (A nested fp32 FSDP unit would keep them sharded, but its hooks would
+    run inside every compiled block and break its graph.)
+
+    Compile and checkpointing wrap each block's ``forward`` (an instance attribute), so FSDP2's hooks, run
+    by ``Module.__call__``, stay outside the compiled graph and the state-dict names do not change."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks to shard")
+    low_precision = policy.param_dtype not in (None, torch.float32)
+    keep_fp32 = set(model.fp32_parameter_names()) if low_precision else set()
+    ignored = {p for name, p in model.named_parameters() if name in keep_fp32}
     for block in blocks:
+        forward = block.forward
         if activation_checkpointing:
-            activation_checkpoint(block)  # composable: keeps the state-dict keys unchanged
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+            forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
+        if compile:
+            forward = torch.compile(forward)
+        block.forward = forward
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True,
+                    ignored_params={p for p in block.parameters() if p in ignored})  # fmt: skip
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return model
+
+
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters FSDP does not shard (the fp32 part of the precision plan)."""
+    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
+
+@torch.no_grad()
+def all_reduce_replicated_grads(params: list[nn.Parameter], world_size: int) -> None:
+    """Average the replicated parameters' gradients over the ranks (one collective), as FSDP averages
+    the sharded ones; call after the step's last backward."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size == 1 or not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)  # gloo has no AVG
+    flat /= world_size
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+@torch.no_grad()
+def broadcast_replicated(params: list[nn.Parameter]) -> None:
+    """Rank 0's values of the replicated parameters on every rank (after a per-rank initialisation)."""
+    for p in params:
+        dist.broadcast(p.data, src=0)
 
 
 @torch.no_grad()
@@ -114,18 +161,16 @@ def build_sharded_model(
     *,
     precision: str = "auto",
     activation_checkpointing: bool = False,
+    compile: bool = False,
     seed: int = 0,
 ) -> TokenClassifier:
     """The sharded, initialised model on ``env.device`` (an ``FSDPModule`` as well)."""
     model = build_model(name, overrides)
     policy = mixed_precision_policy(precision, env.device)
-    shard_model(model, env.mesh, policy, activation_checkpointing=activation_checkpointing)
+    shard_model(
+        model, env.mesh, policy, activation_checkpointing=activation_checkpointing, compile=compile
+    )
     materialize(model, env.device, seed, env.rank)
+    broadcast_replicated(replicated_parameters(model))
     assert isinstance(model, FSDPModule)
     return model
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each block in place (per block keeps FSDP2's hooks outside the graphs)."""
-    for block in model.blocks:
-        block.compile()

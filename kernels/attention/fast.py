@@ -13,6 +13,13 @@ The decay enters the score in one of two ways (``decay_mode``):
 ``q~, k~`` carry the learnable rotary phase (``rotate_by_position``). On CUDA both modes are a
 FlexAttention ``score_mod`` compiled into one fused kernel; FlexAttention has no CPU backward, so CPU
 uses the SDPA form (additive) or one explicit score matrix (multiplicative).
+
+Precision with bf16/fp16 activations: the rotary angles, the distances ``t - s``, the decay
+exponents and the decay factors are computed in at least float32 (``score_dtype``), as are the
+multiplicative form's scores, softmax and probability-weighted sum; only the output is cast back to
+``v``'s dtype. The additive form hands SDPA a float32 mask where the backend accepts one (CPU adds it
+to its fp32 scores); elsewhere the mask is cast to the query's dtype, as the fused CUDA kernels
+require.
 """
 
 from __future__ import annotations
@@ -33,9 +40,15 @@ def _check_mode(decay_mode: str) -> None:
         raise ValueError(f"decay_mode must be one of {DECAY_MODES}, got {decay_mode!r}")
 
 
+def score_dtype(q: torch.Tensor) -> torch.dtype:
+    """Distances, decays and (multiplicative form) scores: at least float32, float64 for float64."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
 def _distance(length: int, like: torch.Tensor) -> torch.Tensor:
+    """``t - s`` as a ``(length, length)`` matrix in ``score_dtype(like)`` (exact: integers < 2^24)."""
     position = torch.arange(length, device=like.device)
-    return (position[:, None] - position[None, :]).to(like.dtype)
+    return (position[:, None] - position[None, :]).to(score_dtype(like))
 
 
 def defocus_attention_sdpa(
@@ -55,18 +68,24 @@ def defocus_attention_sdpa(
     if lambda_hat is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return out.transpose(1, 2)
-    length = q.shape[2]
+    length, compute = q.shape[2], score_dtype(q)
     distance = _distance(length, q)
-    decay_exponent = -torch.exp(lambda_hat.to(q.dtype))[:, None, None] * distance.clamp(min=0)  # (H, L, L)
+    rate = torch.exp(lambda_hat.to(compute))[:, None, None]
+    decay_exponent = -rate * distance.clamp(min=0)  # (H, L, L), in `compute`
     future = distance < 0
     if decay_mode == "additive":
         bias = decay_exponent.masked_fill(future, float("-inf")) if causal else decay_exponent
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if q.device.type != "cpu":  # the fused CUDA kernels want the mask in the query's dtype
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return out.transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (torch.exp(decay_exponent) / math.sqrt(q.shape[-1]))
+    # scores from the (rounded) rotated q, k multiplied exactly in `compute`; decay, softmax and the
+    # weighted sum in `compute` too, the output cast back to v's dtype
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2))
+    scores = scores * (torch.exp(decay_exponent) / math.sqrt(q.shape[-1]))
     if causal:
         scores = scores.masked_fill(future, float("-inf"))
-    return torch.matmul(scores.softmax(-1), v).transpose(1, 2)
+    return torch.matmul(scores.softmax(-1), v.to(compute)).to(v.dtype).transpose(1, 2)
 
 
 @functools.cache
@@ -93,17 +112,19 @@ def defocus_attention_flex(
     if theta is not None:
         q, k = rotate_by_position(q, theta), rotate_by_position(k, theta)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    length = q.shape[2]
-    rate = torch.exp(lambda_hat.to(q.dtype)) if lambda_hat is not None else None
+    length, compute = q.shape[2], score_dtype(q)
+    rate = torch.exp(lambda_hat.to(compute)) if lambda_hat is not None else None
     multiplicative = decay_mode == "multiplicative"
 
     def score_mod(score, batch, head, q_index, kv_index):
+        # FlexAttention's scores are float32 for bf16/fp16 inputs (float64 for float64); the distance
+        # and the decay are float32 (or float64) too, and the result keeps the score's dtype
         if rate is not None:
-            distance = (q_index - kv_index).clamp(min=0).to(score.dtype)
+            distance = (q_index - kv_index).clamp(min=0).to(compute)
             if multiplicative:
-                score = score * torch.exp(-rate[head] * distance)
+                score = (score * torch.exp(-rate[head] * distance)).to(score.dtype)
             else:
-                score = score - rate[head] * distance
+                score = (score - rate[head] * distance).to(score.dtype)
         if causal:
             score = torch.where(q_index >= kv_index, score, -float("inf"))
         return score

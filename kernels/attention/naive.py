@@ -28,11 +28,12 @@ def defocus_attention_naive(
     if theta is not None:
         q, k = rotate_by_position(q, theta), rotate_by_position(k, theta)
     length, dim = q.shape[1], q.shape[-1]
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dim)
+    compute = torch.promote_types(q.dtype, torch.float32)  # scores, distances, decays: at least fp32
+    scores = torch.einsum("bthd,bshd->bhts", q.to(compute), k.to(compute)) / math.sqrt(dim)
     positions = torch.arange(length, device=q.device)
-    distance = (positions[:, None] - positions[None, :]).to(q.dtype)
+    distance = (positions[:, None] - positions[None, :]).to(compute)
     if lambda_hat is not None:
-        lam = -torch.exp(lambda_hat.to(q.dtype))[:, None, None]
+        lam = -torch.exp(lambda_hat.to(compute))[:, None, None]
         # only past keys (distance >= 0) are decayed; future ones are masked or left alone
         decay_exponent = lam * distance.clamp(min=0)
         if decay_mode == "multiplicative":
@@ -43,4 +44,4 @@ def defocus_attention_naive(
             raise ValueError(f"decay_mode must be 'multiplicative' or 'additive', got {decay_mode!r}")
     if causal:
         scores = scores.masked_fill(distance < 0, float("-inf"))
-    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.to(compute)).to(v.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..rotary import rotate_by_position
+from ..rotary import rotary_dtype, rotate_by_position
 
 
 def retention_scan_torch(
@@ -40,24 +40,27 @@ def retention_scan_torch(
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     # (b, H, chunks, T, d)
     q, k, v = (x.unflatten(1, (chunks, chunk)).permute(0, 3, 1, 2, 4) for x in (q, k, v))
-    log_decay = log_decay.to(q.dtype)
-    position = torch.arange(chunk, device=q.device, dtype=q.dtype)
+    # positions, distances and decay exponents in at least float32 (``ops.retention_scan`` already hands
+    # this float32 or float64 tensors); the masks are cast to the activations' dtype for the einsums
+    compute = rotary_dtype(q.dtype, log_decay.dtype)
+    log_decay = log_decay.to(compute)
+    position = torch.arange(chunk, device=q.device, dtype=compute)
     distance = position[:, None] - position[None, :]
     intra_mask = torch.where(
-        distance >= 0, torch.exp(log_decay[:, None, None] * distance.clamp(min=0)), q.new_zeros(())
-    )  # (H, T, T)
+        distance >= 0, torch.exp(log_decay[:, None, None] * distance.clamp(min=0)), distance.new_zeros(())
+    ).to(q.dtype)  # (H, T, T)
     scores = torch.einsum("bhcid,bhcjd->bhcij", q, k) * intra_mask[:, None]
     out = torch.einsum("bhcij,bhcjv->bhciv", scores, v)
     if chunks > 1:
-        key_weight = torch.exp(log_decay[:, None] * (chunk - 1 - position))  # (H, T)
+        key_weight = torch.exp(log_decay[:, None] * (chunk - 1 - position)).to(q.dtype)  # (H, T)
         summaries = torch.einsum("bhcjd,hj,bhcjv->bhcdv", k, key_weight, v)
-        index = torch.arange(chunks, device=q.device, dtype=q.dtype)
+        index = torch.arange(chunks, device=q.device, dtype=compute)
         hops = index[:, None] - 1 - index[None, :]  # chunk c reads chunk c' < c after c-1-c' whole chunks
         carry = torch.where(
-            hops >= 0, torch.exp(log_decay[:, None, None] * chunk * hops.clamp(min=0)), q.new_zeros(())
-        )  # (H, chunks, chunks)
+            hops >= 0, torch.exp(log_decay[:, None, None] * chunk * hops.clamp(min=0)), hops.new_zeros(())
+        ).to(q.dtype)  # (H, chunks, chunks)
         states = torch.einsum("hce,bhedv->bhcdv", carry, summaries)
-        query_weight = torch.exp(log_decay[:, None] * (position + 1))  # (H, T)
+        query_weight = torch.exp(log_decay[:, None] * (position + 1)).to(q.dtype)  # (H, T)
         out = out + torch.einsum("bhcid,hi,bhcdv->bhciv", q, query_weight, states)
     out = out.permute(0, 2, 3, 1, 4).flatten(1, 2)  # (b, chunks*T, H, dv)
     return out[:, :length]

@@ -1,9 +1,12 @@
-"""The retention bandpass scan on Triton: an autograd ``Function`` around ``triton_kernels.py``.
+"""The retention bandpass scan on Triton: ``torch.library`` custom ops (``defocus::retention_scan_triton_fwd``
+and ``_bwd``) around ``triton_kernels.py``.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the Triton interpreter; slow, for tests). Nothing but the inputs is kept for backward.
 fp32 inputs multiply in full fp32 (``input_precision="ieee"``, matching the reference); bf16/fp16
 inputs multiply on tensor cores in their own dtype with fp32 accumulation and an fp32 state.
+``log_decay`` and ``theta`` are handed to the kernels in fp32; positions, angles and decay exponents are
+computed in fp32 inside them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ..selective.triton import check_triton_device
+from ..selective.triton import check_triton_device, device_guard
 from .triton_kernels import _retention_bwd_kernel, _retention_fwd_kernel
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -43,45 +46,96 @@ class _Tiling:
         )  # fmt: skip
 
 
-class _RetentionTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, theta, chunk_size, block_v):  # type: ignore[override]
-        batch, length, heads, dk = q.shape
-        dv = v.shape[-1]
-        tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
-        out = torch.empty_like(v)
+# --- torch.library custom ops (``custom_op`` rather than ``triton_op``: see ``selective/triton.py``) ------
+# The forward keeps nothing but its inputs; the backward is a second op. ``log_decay`` and ``theta``
+# arrive in fp32; ``dtheta`` is an empty tensor without ``theta``.
+
+
+@torch.library.custom_op("defocus::retention_scan_triton_fwd", mutates_args=())
+def retention_scan_triton_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    theta: torch.Tensor | None,
+    chunk_size: int,
+    block_v: int,
+) -> torch.Tensor:
+    """``(batch, length, heads, dv)`` in ``v``'s dtype from contiguous inputs."""
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    with device_guard(q):
         _retention_fwd_kernel[(batch * heads, tiling.num_v)](
             q, k, v, log_decay, theta if theta is not None else log_decay, out,
             length, heads, dk, dv, tiling.num_chunks, **tiling.meta(theta is not None),
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, log_decay, theta)
-        ctx.tiling = tiling
-        return out
+    return out
 
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, log_decay, theta = ctx.saved_tensors
-        tiling = ctx.tiling
-        batch, length, heads, dk = q.shape
-        dv = v.shape[-1]
-        f32 = dict(dtype=torch.float32, device=q.device)
-        if tiling.num_v == 1:  # the kernel writes the final gradients directly
-            dq, dk_ = torch.empty_like(q), torch.empty_like(k)
-        else:  # one fp32 share per value block, summed below
-            dq = torch.empty(tiling.num_v, *q.shape, **f32)
-            dk_ = torch.empty(tiling.num_v, *k.shape, **f32)
-        dv_ = torch.empty_like(v)
-        dlog_decay = torch.empty(tiling.num_v, batch, heads, **f32)
-        dtheta = torch.empty(tiling.num_v, batch, heads, dk // 2, **f32) if theta is not None else None
+
+@retention_scan_triton_fwd.register_fake
+def _(q, k, v, log_decay, theta, chunk_size, block_v):
+    return v.new_empty(v.shape)
+
+
+@torch.library.custom_op("defocus::retention_scan_triton_bwd", mutates_args=())
+def retention_scan_triton_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    theta: torch.Tensor | None,
+    chunk_size: int,
+    block_v: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dlog_decay, dtheta)``, each in its input's dtype (``dtheta`` empty without theta)."""
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if tiling.num_v == 1:  # the kernel writes the final gradients directly
+        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+    else:  # one fp32 share per value block, summed below
+        dq = torch.empty(tiling.num_v, *q.shape, **f32)
+        dk_ = torch.empty(tiling.num_v, *k.shape, **f32)
+    dv_ = torch.empty_like(v)
+    dlog_decay = torch.empty(tiling.num_v, batch, heads, **f32)
+    dtheta = torch.empty(tiling.num_v, batch, heads, dk // 2, **f32) if theta is not None else None
+    with device_guard(q):
         _retention_bwd_kernel[(batch * heads, tiling.num_v)](
             q, k, v, log_decay, theta if theta is not None else log_decay, dout.contiguous(),
             dq, dk_, dv_, dlog_decay, dtheta if dtheta is not None else dlog_decay,
             batch, length, heads, dk, dv, tiling.num_chunks, **tiling.meta(theta is not None),
         )  # fmt: skip
-        if tiling.num_v > 1:
-            dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
-        grad_theta = dtheta.sum((0, 1)).to(theta.dtype) if theta is not None else None
-        return dq, dk_, dv_, dlog_decay.sum((0, 1)).to(log_decay.dtype), grad_theta, None, None
+    if tiling.num_v > 1:
+        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
+    grad_theta = dtheta.sum((0, 1)).to(theta.dtype) if theta is not None else q.new_empty(0)
+    return dq, dk_, dv_, dlog_decay.sum((0, 1)).to(log_decay.dtype), grad_theta
+
+
+@retention_scan_triton_bwd.register_fake
+def _(dout, q, k, v, log_decay, theta, chunk_size, block_v):
+    grad_theta = theta.new_empty(theta.shape) if theta is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), \
+        log_decay.new_empty(log_decay.shape), grad_theta  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, log_decay, theta, chunk_size, block_v = inputs
+    ctx.save_for_backward(q, k, v, log_decay, theta)
+    ctx.config = (chunk_size, block_v)
+    ctx.has_theta = theta is not None
+
+
+def _backward(ctx, dout):
+    q, k, v, log_decay, theta = ctx.saved_tensors
+    dq, dk, dv, dlog_decay, dtheta = retention_scan_triton_bwd(dout, q, k, v, log_decay, theta, *ctx.config)
+    return dq, dk, dv, dlog_decay, dtheta if ctx.has_theta else None, None, None
+
+
+retention_scan_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def retention_scan_triton(
@@ -120,6 +174,8 @@ def retention_scan_triton(
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if chunk_size < 1 or block_v < 1:
         raise ValueError(f"chunk_size and block_v must be >= 1, got {chunk_size}, {block_v}")
-    q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay))
-    theta = theta.contiguous() if theta is not None else None
-    return _RetentionTriton.apply(q, k, v, log_decay, theta, _next_power_of_2(chunk_size), block_v)
+    # the decay and the angles enter the kernels in fp32 whatever their dtype; converted here, outside the
+    # op, so autograd hands their gradients back in the caller's dtype
+    q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay.float()))
+    theta = theta.float().contiguous() if theta is not None else None
+    return retention_scan_triton_fwd(q, k, v, log_decay, theta, _next_power_of_2(chunk_size), block_v)

@@ -16,6 +16,9 @@ Backward: a forward pass over chunks gives ``dq~`` (state ``S``), a reverse pass
 ``sum_{i>=j} (i-j) X_ij = sum_t t (q~_t . dq~_t - k~_t . dk~_t)`` (with ``X_ij`` the terms of the
 output), so it needs no extra pass; the angle's gradient is ``t (dx~_o x~_e - dx~_e x~_o)`` per pair.
 Both are accumulated in fp32 inside the kernel and written as per-program partial sums.
+
+Precision: token positions (``t.to(float32)``), angles ``t theta``, their cos/sin and the decay exponents
+``log_decay * n`` are fp32 whatever the inputs' dtype.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ and reduced by the caller, which keeps the kernels deterministic (no atomics).
 
 Tokens past the end of the sequence load as ``u = delta = 0``, which makes a step the identity
 (decay 1, no input), so chunks need no special tail handling.
+
+Precision: every input is loaded and converted to fp32; positions (``t * position_scale``, an int32
+token index times an fp32 scale: exact integers far past any length) and rotary angles are fp32.
 """
 
 from __future__ import annotations
