@@ -77,7 +77,10 @@ def step_throughput(
             return F.cross_entropy(model(images).float(), labels)
     else:
         kwargs = {"img_size": image_size, "num_classes": 1000}
+        from torch._dynamo.utils import counters
+
         torch._dynamo.reset()
+        counters.clear()  # the compiled row's graph/break counts are its own
         model = build_sharded_model(name, kwargs, env, precision=precision, compile=compile)
         optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
         flops = train_flops_per_sample(lambda: create_model(name, **kwargs), image_size)
@@ -183,7 +186,8 @@ def save_blocking(env, image_size: int) -> dict:
     model = build_sharded_model("defocus_mamba_base", {"img_size": image_size}, env)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
     model.train()
-    defocus_loss(model(torch.randn(1, 3, image_size, image_size, device=env.device)),
+    images = torch.randn(1, 3, image_size, image_size, device=env.device)
+    defocus_loss(model.forward_train(images, drop_path_rate=0.0),
                  torch.zeros(1, dtype=torch.long, device=env.device)).total.backward()  # fmt: skip
     optimizer.step()  # AdamW's state exists from here on
     ema = ShardedEMA(model, 0.9999)

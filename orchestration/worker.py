@@ -104,6 +104,12 @@ def ray_train_loop(config: dict[str, Any]) -> None:
 
 
 def torchrun_main(job_file: str) -> int:
+    """The torchrun launcher's worker: the trainer's own process entry (signals, ordered shutdown; see
+    ``defocus_scale.train.cli``) around :func:`run_worker`. Returns the exit status."""
+    from rich.console import Console
+
+    from defocus_scale.train.cli import run_guarded
+
     with open(job_file, "rb") as handle:
         job: WorkerJob = pickle.load(handle)
     launcher = job.orchestration.launcher
@@ -112,14 +118,12 @@ def torchrun_main(job_file: str) -> int:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
-    try:
-        run_worker(job)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return run_guarded(lambda: run_worker(job), Console(stderr=True))
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m defocus_scale.orchestration.worker JOB_FILE")
-    sys.exit(torchrun_main(sys.argv[1]))
+    from defocus_scale.train.cli import exit_now
+
+    exit_now(torchrun_main(sys.argv[1]))

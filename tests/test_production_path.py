@@ -271,7 +271,9 @@ def test_nonfinite_streak_stops_with_the_samples_and_resumes_past_them(shards: P
     message = next(line for line in done.stderr.splitlines() if "consecutive steps" in line)
     assert "stopped at step 8" in message and "(6, 7, 8;" in message, message
     assert "trainer.skip_steps=[6,7,8]" in message and "resume from step 4" in message, message
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    # torchrun's own launcher prints a traceback of ChildFailedError; the ranks print none.
+    assert f'File "{REPO / "defocus_scale"}' not in done.stderr, done.stderr[-3000:]
+    assert "training stopped:" in message
     record = json.loads((run_dir / "nonfinite_steps.json").read_text())
     assert [entry["step"] for entry in record["steps"]] == [6, 7, 8]
     assert all(len(entry["keys"]) == 16 for entry in record["steps"])  # every rank's samples of the step

@@ -79,6 +79,16 @@ def test_watchdog_ends_a_process_whose_cleanup_hangs(monkeypatch: pytest.MonkeyP
 def test_forked_children_get_their_own_sigterm() -> None:
     """A DataLoader worker (forked) must die of SIGTERM, not raise the parent's Terminated or wake the
     parent's watchdog."""
+    # The child gets back the handler the guard replaced; make that the default one (a Ray driver earlier
+    # in this pytest process installs a SIGTERM handler that calls sys.exit(15)).
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _fork_and_terminate_under_a_guard()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fork_and_terminate_under_a_guard() -> None:
     with ShutdownGuard(grace=1) as guard:
         worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
         worker.start()

@@ -7,7 +7,9 @@ How a trainer process ends, on every path:
 * success: rank 0 prints the summary; all ranks meet at a barrier (every collective of every group is
   done), destroy the process groups, free what is left of the run (DataLoader iterators, the sharded
   model) and join the Python threads; exit status 0;
-* error: the rank prints one ``rank R: training failed: ...`` line and the traceback, destroys its
+* error: the rank prints one ``rank R: training failed: ...`` line and the traceback (one
+  ``rank R: training stopped: ...`` message and no traceback for what a user can cause: a bad config,
+  checkpoint or shard, a full disk, non-finite steps), destroys its
   process groups without waiting for the other ranks (they may be dead or elsewhere) and exits with 1;
   ranks that merely lost a failed peer say so in one line; a watchdog bounds the clean-up as below;
 * SIGTERM / SIGINT (torchrun forwards them; a scheduler's preemption): raised once in the main thread as
@@ -40,6 +42,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from types import FrameType
 
 import torch.distributed as dist
@@ -218,25 +221,38 @@ def run_from_overrides(overrides: list[str], *, exit_process: bool = True) -> in
     except ConfigError as exc:
         console.print(f"[red]config error:[/] {exc}")
         return 2
-    with ShutdownGuard() as guard:
-        status = _train(cfg, console, guard)
-        _finish_process(completed=status == 0)
+    status = run_guarded(lambda: _train(cfg, console), console)
     if exit_process:
-        _exit_now(status)
+        exit_now(status)
     return status
 
 
-def _train(cfg: TrainConfig, console: Console, guard: ShutdownGuard) -> int:
+def _train(cfg: TrainConfig, console: Console) -> None:
     from defocus_scale.train.loop import train
 
+    summary = train(cfg, console=console)
+    if dist.get_rank() == 0:
+        print(json.dumps(summary, indent=2, default=str), flush=True)
+
+
+def run_guarded(body: Callable[[], object], console: Console) -> int:
+    """Run ``body`` -- a trainer process's work in its process group -- under a :class:`ShutdownGuard`, then
+    shut down in order (see the module docstring); returns the exit status for :func:`exit_now`. Used by
+    this entry and by the orchestration's torchrun workers."""
+    with ShutdownGuard() as guard:
+        status = _run_body(body, console, guard)
+        _finish_process(completed=status == 0)
+    return status
+
+
+def _run_body(body: Callable[[], object], console: Console, guard: ShutdownGuard) -> int:
     status = 0
     try:
-        summary = train(cfg, console=console)
-        if dist.get_rank() == 0:
-            print(json.dumps(summary, indent=2, default=str), flush=True)
+        body()
         # Every rank is past its last collective before any group goes: gloo aborts a process whose peer
         # tears a group down while it is still in use.
-        dist.barrier()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     except Terminated as exc:
         guard.stop_raising()
         guard.arm(exc.exit_status)
@@ -263,9 +279,24 @@ def _report_failure(console: Console, exc: BaseException, signum: int | None) ->
     elif any(marker in text for marker in _PEER_LOST):
         console.print(f"rank {_rank()}: stopped: lost the connection to another rank, which probably "
                       f"failed (see its message): {first_line}", soft_wrap=True)  # fmt: skip
+    elif _caused_by_the_user(exc):  # its message names the thing and what to do; a traceback would bury it
+        console.print(f"[red]rank {_rank()}: training stopped:[/] {escape(text)}", soft_wrap=True)
     else:
         console.print(f"[red]rank {_rank()}: training failed:[/] {first_line}", soft_wrap=True)
         traceback.print_exception(exc, file=sys.stderr)
+
+
+def _caused_by_the_user(exc: BaseException) -> bool:
+    """Errors a user's config, data, checkpoint or disk causes: reported as their message alone."""
+    import errno
+
+    from defocus_scale.data.stream import ShardReadError
+    from defocus_scale.train.checkpoint import CheckpointError
+    from defocus_scale.train.nonfinite import NonFiniteTrainingError
+
+    if isinstance(exc, ConfigError | CheckpointError | ShardReadError | NonFiniteTrainingError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOSPC, errno.EDQUOT)
 
 
 def _destroy_process_groups() -> None:
@@ -299,7 +330,7 @@ def _finish_process(completed: bool) -> None:
         child.join(max(0.1, deadline - time.monotonic()))
 
 
-def _exit_now(status: int) -> None:
+def exit_now(status: int) -> None:
     """End the process with ``status`` without interpreter finalization (see the module docstring)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

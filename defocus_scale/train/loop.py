@@ -3,6 +3,7 @@ then sharded clipping, AdamW, EMA; checkpoints, evaluation and metrics around it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -120,6 +121,18 @@ class LockstepBatches:
             "a fresh epoch gave some rank no batch: the training set is smaller than one batch per rank"
         )
 
+    def close(self) -> None:
+        """Close the epoch's batch generator now, so its DataLoader workers are joined here rather than
+        whenever garbage collection finds it (or never, on an error path)."""
+        batches, self._batches = self._batches, None
+        _close_iterator(batches)
+
+
+def _close_iterator(iterator: Any) -> None:
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
+
 
 @torch.no_grad()
 def evaluate(
@@ -129,8 +142,18 @@ def evaluate(
     that run out of batches first keep joining FSDP's collectives on a dummy batch."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss, count
     batches = iter(loader)
+    try:
+        return _evaluate_batches(model, batches, env, image_size, max_batches)
+    finally:
+        _close_iterator(batches)  # a short max_batches or an error leaves the loader's workers running
+        model.train(was_training)
+
+
+def _evaluate_batches(
+    model: nn.Module, batches: Iterator[Any], env: DistEnv, image_size: int, max_batches: int | None
+) -> dict[str, float]:
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss, count
     seen, full = 0, None
     while True:
         batch = next(batches, None) if max_batches is None or seen < max_batches else None
@@ -154,7 +177,6 @@ def evaluate(
         totals[2] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         totals[3] += labels.numel()
     dist.all_reduce(totals)
-    model.train(was_training)
     count = max(totals[3].item(), 1.0)
     return {"top1": totals[0].item() / count, "top5": totals[1].item() / count,
             "loss": totals[2].item() / count, "images": totals[3].item()}  # fmt: skip
@@ -253,159 +275,167 @@ def train(
         cuda=env.device.type == "cuda",
     )  # fmt: skip
 
-    step, epoch, saved, resumed_from = _resume_or_start(cfg, checkpointer, state, env, console)
-    loader_states = saved["loader_states"] if saved else None
-    # Keys of the samples consumed in this run so far (trainer.audit_samples): carried by checkpoints.
-    audit_log: list[str] = list(saved.get("consumed_keys", [])) if saved else []
-    if resumed_from is None and trainer.init_from:
-        skipped = init_from(model, trainer.init_from)
+    # Every exit -- an error, SIGTERM raised as Terminated -- closes what the run opened: the loader's
+    # workers, the metrics files, and the checkpointer, which abandons (never commits half of) a pending save.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.push(lambda failed, *_: checkpointer.close(abandon=failed is not None))
+        step, epoch, saved, resumed_from = _resume_or_start(cfg, checkpointer, state, env, console)
+        loader_states = saved["loader_states"] if saved else None
+        # Keys of the samples consumed in this run so far (trainer.audit_samples): carried by checkpoints.
+        audit_log: list[str] = list(saved.get("consumed_keys", [])) if saved else []
+        if resumed_from is None and trainer.init_from:
+            skipped = init_from(model, trainer.init_from)
+            if env.is_main:
+                console.print(f"initialised from {trainer.init_from}; kept fresh: {skipped or 'nothing'}")
+            if ema is not None:
+                ema = state.ema = ShardedEMA(model, trainer.ema_decay)
+        train_loader = train_loader_factory(
+            data_cfg, rank=env.rank, world_size=env.world_size, seed=trainer.seed, epoch=epoch,
+            device=env.device,
+        )  # fmt: skip  (batches arrive normalised, and mixed, on env.device: the workers ship uint8)
+        if loader_states is not None:
+            train_loader.load_state_dict(loader_states)
+        if hooks is not None:
+            hooks.on_resume(step, resumed_from)
+        # MFU bookkeeping: FLOPs of one training sample on a meta copy, the stated per-device peak.
+        flops_per_sample = train_flops_per_sample(
+            lambda: create_model(cfg.model.name, **model_kwargs), cfg.data.image_size
+        )
+        bf16 = mixed_precision_policy(trainer.precision, env.device).param_dtype == torch.bfloat16
+        peak = trainer.peak_flops or peak_flops_per_device(env.device, bf16)[0]
+        peak_note = "trainer.peak_flops" if trainer.peak_flops else peak_flops_per_device(env.device, bf16)[1]
+        metrics = None
         if env.is_main:
-            console.print(f"initialised from {trainer.init_from}; kept fresh: {skipped or 'nothing'}")
-        if ema is not None:
-            ema = state.ema = ShardedEMA(model, trainer.ema_decay)
-    train_loader = train_loader_factory(
-        data_cfg, rank=env.rank, world_size=env.world_size, seed=trainer.seed, epoch=epoch, device=env.device
-    )  # batches arrive normalised (and mixed) on env.device: the workers ship uint8
-    if loader_states is not None:
-        train_loader.load_state_dict(loader_states)
-    if hooks is not None:
-        hooks.on_resume(step, resumed_from)
-    # MFU bookkeeping: FLOPs of one training sample on a meta copy, the stated per-device peak.
-    flops_per_sample = train_flops_per_sample(
-        lambda: create_model(cfg.model.name, **model_kwargs), cfg.data.image_size
-    )
-    bf16 = mixed_precision_policy(trainer.precision, env.device).param_dtype == torch.bfloat16
-    peak = trainer.peak_flops or peak_flops_per_device(env.device, bf16)[0]
-    peak_note = "trainer.peak_flops" if trainer.peak_flops else peak_flops_per_device(env.device, bf16)[1]
-    metrics = None
-    if env.is_main:
-        metrics = MetricsWriter(
-            trainer.run_dir,
-            first_step=step,
-            tensorboard=trainer.tensorboard,
-            console=console,
-            log_every=trainer.log_every,
-        )
-        n_params = sum(p.numel() for p in model.parameters())
-        console.print(
-            f"[bold]{cfg.model.name}[/] {n_params / 1e6:.2f}M parameters on "
-            f"{env.world_size} x {env.device.type}; "
-            f"global batch {plan.global_batch} = {env.world_size} ranks x {plan.micro_batch} x "
-            f"{plan.accumulation} accumulation; lr {lr_peak:.3g}; MFU peak: {peak_note}"
-        )
+            metrics = MetricsWriter(
+                trainer.run_dir,
+                first_step=step,
+                tensorboard=trainer.tensorboard,
+                console=console,
+                log_every=trainer.log_every,
+            )
+            cleanup.callback(metrics.close)
+            n_params = sum(p.numel() for p in model.parameters())
+            console.print(
+                f"[bold]{cfg.model.name}[/] {n_params / 1e6:.2f}M parameters on "
+                f"{env.world_size} x {env.device.type}; "
+                f"global batch {plan.global_batch} = {env.world_size} ranks x {plan.micro_batch} x "
+                f"{plan.accumulation} accumulation; lr {lr_peak:.3g}; MFU peak: {peak_note}"
+            )
 
-    batches = LockstepBatches(train_loader, epoch, env.device, audit=trainer.audit_samples)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    replicated = replicated_parameters(model)  # the fp32 part of a bf16 run: averaged by hand
-    label_smoothing = cfg.data.label_smoothing
-    guard = NonFiniteGuard(trainer.max_nonfinite_steps, trainer.run_dir, env.is_main)
-    skip_steps, inject_nonfinite = set(trainer.skip_steps), set(trainer.inject_nonfinite_at)
-    first_step, losses, blocked_by_save = step, [], 0.0
-    progress = _progress(console, trainer.max_steps, step, enabled=env.is_main and trainer.progress)
-    task = progress.add_task("train", total=trainer.max_steps, completed=step, status="")
-    with progress:
-        last_step = min(trainer.max_steps, trainer.stop_at_step or trainer.max_steps)
-        while step < last_step:
-            start = time.perf_counter()
-            lr, rate = lr_at(step), drop_path.rate(step, trainer.max_steps)
-            if step + 1 in skip_steps:  # trainer.skip_steps: draw this step's batches and drop them
-                for _micro in range(plan.accumulation):
-                    batches.next()
+        batches = LockstepBatches(train_loader, epoch, env.device, audit=trainer.audit_samples)
+        cleanup.callback(batches.close)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        replicated = replicated_parameters(model)  # the fp32 part of a bf16 run: averaged by hand
+        label_smoothing = cfg.data.label_smoothing
+        guard = NonFiniteGuard(trainer.max_nonfinite_steps, trainer.run_dir, env.is_main)
+        skip_steps, inject_nonfinite = set(trainer.skip_steps), set(trainer.inject_nonfinite_at)
+        first_step, losses, blocked_by_save = step, [], 0.0
+        progress = _progress(console, trainer.max_steps, step, enabled=env.is_main and trainer.progress)
+        task = progress.add_task("train", total=trainer.max_steps, completed=step, status="")
+        with progress:
+            last_step = min(trainer.max_steps, trainer.stop_at_step or trainer.max_steps)
+            while step < last_step:
+                start = time.perf_counter()
+                lr, rate = lr_at(step), drop_path.rate(step, trainer.max_steps)
+                if step + 1 in skip_steps:  # trainer.skip_steps: draw this step's batches and drop them
+                    for _micro in range(plan.accumulation):
+                        batches.next()
+                    step += 1
+                    if metrics is not None:
+                        metrics.log(step, {"skipped_by_config": 1.0, "epoch": batches.epoch}, table="skipped")
+                    continue
+                set_lr(optimizer, lr)
+                sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # total, main, aux
+                step_keys: list[str] = []
+                for micro in range(plan.accumulation):
+                    images, targets, keys = batches.next()
+                    step_keys += keys
+                    images = images.to(env.device, non_blocking=True)
+                    targets = targets.to(env.device, non_blocking=True)
+                    # Reduce-scatter gradients only on the last micro-batch of the step.
+                    model.set_requires_gradient_sync(micro == plan.accumulation - 1)
+                    smoothing = label_smoothing if targets.ndim == 1 else 0.0  # mixed targets: soft already
+                    parts = defocus_loss(model.forward_train(images, rate), targets, smoothing)
+                    total = parts.total
+                    if step + 1 in inject_nonfinite:  # trainer.inject_nonfinite_at: a fault drill
+                        total = total * float("nan")
+                    (total / plan.accumulation).backward()
+                    aux = parts.aux if parts.aux is not None else torch.full_like(parts.main, float("nan"))
+                    sums += torch.stack([total.detach(), parts.main.detach(), aux.detach()]).double()
+                all_reduce_replicated_grads(replicated, env.world_size)
+                # All-reduced: one decision on every rank.
+                grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
+                mean_losses = sums / (plan.accumulation * env.world_size)
+                dist.all_reduce(mean_losses)
+                loss, grad_norm_value = mean_losses[0].item(), grad_norm.item()
+                finite = math.isfinite(loss) and math.isfinite(grad_norm_value)
+                blocked_by_save += checkpointer.wait_for_staging()  # the last save's copy must be complete
+                if finite:
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update()
+                optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if metrics is not None:
-                    metrics.log(step, {"skipped_by_config": 1.0, "epoch": batches.epoch}, table="skipped")
-                continue
-            set_lr(optimizer, lr)
-            sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # total, main, aux
-            step_keys: list[str] = []
-            for micro in range(plan.accumulation):
-                images, targets, keys = batches.next()
-                step_keys += keys
-                images = images.to(env.device, non_blocking=True)
-                targets = targets.to(env.device, non_blocking=True)
-                # Reduce-scatter gradients only on the last micro-batch of the step.
-                model.set_requires_gradient_sync(micro == plan.accumulation - 1)
-                parts = defocus_loss(
-                    model.forward_train(images, rate), targets, label_smoothing if targets.ndim == 1 else 0.0
-                )
-                total = parts.total
-                if step + 1 in inject_nonfinite:  # trainer.inject_nonfinite_at: a fault drill
-                    total = total * float("nan")
-                (total / plan.accumulation).backward()
-                aux = parts.aux if parts.aux is not None else torch.full_like(parts.main, float("nan"))
-                sums += torch.stack([total.detach(), parts.main.detach(), aux.detach()]).double()
-            all_reduce_replicated_grads(replicated, env.world_size)
-            grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)  # all-reduced: one decision on every rank
-            mean_losses = sums / (plan.accumulation * env.world_size)
-            dist.all_reduce(mean_losses)
-            loss, grad_norm_value = mean_losses[0].item(), grad_norm.item()
-            finite = math.isfinite(loss) and math.isfinite(grad_norm_value)
-            blocked_by_save += checkpointer.wait_for_staging()  # the last save's copy must be complete
-            if finite:
-                optimizer.step()
-                if ema is not None:
-                    ema.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            nonfinite_keys = [] if finite else gather_keys(step_keys, env.world_size)
-            guard.observe(step, finite, nonfinite_keys, checkpointer.last_committed)
-            losses.append(loss)
-            seconds = time.perf_counter() - start
-            images_per_s = plan.global_batch / seconds
-            record = {
-                "loss": loss, "loss_main": mean_losses[1].item(), "loss_aux": mean_losses[2].item(),
-                "lr": lr, "drop_path": rate, "grad_norm": grad_norm_value, "images_per_s": images_per_s,
-                "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
-                "step_seconds": seconds, "epoch": batches.epoch,
-                "peak_memory_gib": peak_memory_bytes(env.device) / 2**30,
-                "step_skipped": 0.0 if finite else 1.0, "nonfinite_steps": float(guard.total),
-            }  # fmt: skip
-            if metrics is not None:
-                metrics.log(step, record)
-            progress.update(task, completed=step, status=f"loss {loss:.3f} lr {lr:.2e} dp {rate:.3f}")
-            if hooks is not None:
-                hooks.on_step_end(step, loss)
-            checkpointer.poll()
-            if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == last_step):
-                _refuse_nonfinite_state(state, env, step)
-                trainer_state = {
-                    "step": step, "epoch": batches.epoch, "world_size": env.world_size,
-                    "loader_states": _gather_objects(train_loader.state_dict(), env.world_size),
-                    "rng_states": _gather_objects(rng_state(), env.world_size),
-                    "global_batch": plan.global_batch, "config": config_to_dict(cfg),
-                    "nonfinite_steps": guard.total,
+                nonfinite_keys = [] if finite else gather_keys(step_keys, env.world_size)
+                guard.observe(step, finite, nonfinite_keys, checkpointer.last_committed)
+                losses.append(loss)
+                seconds = time.perf_counter() - start
+                images_per_s = plan.global_batch / seconds
+                record = {
+                    "loss": loss, "loss_main": mean_losses[1].item(), "loss_aux": mean_losses[2].item(),
+                    "lr": lr, "drop_path": rate, "grad_norm": grad_norm_value, "images_per_s": images_per_s,
+                    "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
+                    "step_seconds": seconds, "epoch": batches.epoch,
+                    "peak_memory_gib": peak_memory_bytes(env.device) / 2**30,
+                    "step_skipped": 0.0 if finite else 1.0, "nonfinite_steps": float(guard.total),
                 }  # fmt: skip
-                if trainer.audit_samples:  # every rank's keys since the last save, in rank order
-                    gathered = _gather_objects(batches.consumed, env.world_size)
-                    audit_log += [key for keys in gathered for key in keys]
-                    batches.consumed = []
-                    trainer_state["consumed_keys"] = audit_log
-                blocked_by_save += checkpointer.save(step, state, trainer_state)
-                if metrics is not None:  # the metrics up to a checkpoint are as durable as it is
-                    metrics.flush()
-            if trainer.eval_every and step % trainer.eval_every == 0 and step < last_step:
-                blocked_by_save += checkpointer.wait_for_staging()  # the EMA swap writes the parameters
-                _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
-    checkpointer.close()
-    final_eval = _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
-    peak_mem = torch.tensor([peak_memory_bytes(env.device)], dtype=torch.float64, device=env.device)
-    peaks = [torch.zeros_like(peak_mem) for _ in range(env.world_size)]
-    dist.all_gather(peaks, peak_mem)
-    if metrics is not None:
-        metrics.close()
-    head = max(1, min(5, len(losses) // 4))
-    return {
-        "final_step": step, "epoch": batches.epoch, "resumed_from": resumed_from,
-        "steps_run": step - first_step,
-        "loss_first": sum(losses[:head]) / head if losses else None,
-        "loss_last": sum(losses[-head:]) / head if losses else None,
-        "global_batch": plan.global_batch, "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
-        "lr_peak": lr_peak, "flops_per_sample": flops_per_sample, "peak_flops_per_device": peak,
-        "peak_flops_source": peak_note, "seconds_blocked_by_checkpoints": blocked_by_save,
-        "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], "nonfinite_steps": guard.total,
-        **compile_counters(trainer.compile), **final_eval,
-    }  # fmt: skip
+                if metrics is not None:
+                    metrics.log(step, record)
+                progress.update(task, completed=step, status=f"loss {loss:.3f} lr {lr:.2e} dp {rate:.3f}")
+                if hooks is not None:
+                    hooks.on_step_end(step, loss)
+                checkpointer.poll()
+                if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == last_step):
+                    _refuse_nonfinite_state(state, env, step)
+                    trainer_state = {
+                        "step": step, "epoch": batches.epoch, "world_size": env.world_size,
+                        "loader_states": _gather_objects(train_loader.state_dict(), env.world_size),
+                        "rng_states": _gather_objects(rng_state(), env.world_size),
+                        "global_batch": plan.global_batch, "config": config_to_dict(cfg),
+                        "nonfinite_steps": guard.total,
+                    }  # fmt: skip
+                    if trainer.audit_samples:  # every rank's keys since the last save, in rank order
+                        gathered = _gather_objects(batches.consumed, env.world_size)
+                        audit_log += [key for keys in gathered for key in keys]
+                        batches.consumed = []
+                        trainer_state["consumed_keys"] = audit_log
+                    blocked_by_save += checkpointer.save(step, state, trainer_state)
+                    if metrics is not None:  # the metrics up to a checkpoint are as durable as it is
+                        metrics.flush()
+                if trainer.eval_every and step % trainer.eval_every == 0 and step < last_step:
+                    blocked_by_save += checkpointer.wait_for_staging()  # the EMA swap writes the parameters
+                    _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
+        checkpointer.close()
+        final_eval = _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
+        peak_mem = torch.tensor([peak_memory_bytes(env.device)], dtype=torch.float64, device=env.device)
+        peaks = [torch.zeros_like(peak_mem) for _ in range(env.world_size)]
+        dist.all_gather(peaks, peak_mem)
+        if metrics is not None:
+            metrics.close()
+        head = max(1, min(5, len(losses) // 4))
+        return {
+            "final_step": step, "epoch": batches.epoch, "resumed_from": resumed_from,
+            "steps_run": step - first_step,
+            "loss_first": sum(losses[:head]) / head if losses else None,
+            "loss_last": sum(losses[-head:]) / head if losses else None,
+            "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
+            "accumulation": plan.accumulation,
+            "lr_peak": lr_peak, "flops_per_sample": flops_per_sample, "peak_flops_per_device": peak,
+            "peak_flops_source": peak_note, "seconds_blocked_by_checkpoints": blocked_by_save,
+            "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], "nonfinite_steps": guard.total,
+            **compile_counters(trainer.compile), **final_eval,
+        }  # fmt: skip
 
 
 def _refuse_nonfinite_state(state: TrainState, env: DistEnv, step: int) -> None:
