@@ -114,6 +114,11 @@ def step_throughput(
 
 
 PRODUCTION_VARIANTS = [("fp32", False), ("bf16", False), ("fp32", True)]
+PRODUCTION_NOTE = (
+    "CPU bf16 rows measure the correctness path only: without avx512_bf16/AMX, bf16 matmuls fall back to "
+    "slow kernels (a 1576x384 @ 384x1536 matmul measured 64x slower than fp32 on an AVX2 machine); bf16 "
+    "speed is a GPU figure (benchmarks/gpu_checks.sh)"
+)
 
 
 def production_path(models: list[str], env, image_size: int, batch: int, steps: int) -> list[dict]:
@@ -223,7 +228,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=150)
     env = init_distributed()
     peak, peak_source = peak_flops_per_device(env.device, env.device.type == "cuda")
 
@@ -279,7 +284,8 @@ def main() -> int:
         "settings": vars(args) | {"out": str(args.out) if args.out else None},
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
         "flops_note": "FlopCounterMode, forward+backward of one sample: matmuls and convolutions only",
-        "throughput": throughput, "production_path": production, "save_blocking": saves,
+        "throughput": throughput, "production_path": production, "production_note": PRODUCTION_NOTE,
+        "save_blocking": saves,
         "peak_memory": memory,
         "memory_note": "CPU: peak RSS per process (includes ~0.8 GiB of torch and libraries per process); "
                        "GPU: torch.cuda.max_memory_allocated",
