@@ -147,6 +147,24 @@ def test_damaged_newest_checkpoint_is_skipped(straight: tuple[Path, dict], shard
             assert summary["resumed_from"] == f"checkpoints/step_{N:08d}" and summary["steps_run"] == N
 
 
+def test_fresh_run_refuses_a_directory_with_checkpoints(straight: tuple[Path, dict], shards: Path) -> None:
+    """``trainer.resume=false`` in a directory holding an earlier run's checkpoints: one message, no
+    traceback, and the old checkpoints untouched (a fresh run used to prune them as its own)."""
+    run_dir = _resume_copy(straight[0], "reused")
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    fresh = _overrides(shards, run_dir, **{"trainer.resume": False})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               "-m", "defocus_scale.train", *fresh]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    message = next(line for line in done.stderr.splitlines() if "trainer.resume=false" in line)
+    assert f"steps {N}, {2 * N}" in message and "training stopped" in message, message
+    assert f'File "{REPO / "defocus_scale"}' not in done.stderr, done.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert CheckpointStore(str(run_dir)).newest_complete()[0] == 2 * N
+
+
 def test_drop_path_rate_per_step_follows_schedule(straight: tuple[Path, dict]) -> None:
     table = ds.dataset(straight[0] / "metrics" / "train", format="parquet").to_table().to_pylist()
     schedule = DropPathSchedule(0.05, 0.3, "linear")

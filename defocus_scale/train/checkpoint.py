@@ -291,6 +291,21 @@ class Checkpointer:
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
+    def refuse_earlier_run(self) -> None:
+        """For ``trainer.resume=false``: raise :class:`CheckpointError` if the run directory already holds
+        checkpoints (complete or not). A fresh run there would prune them as its own older saves, and a
+        later resume would jump to their higher steps. Rank 0 looks; every rank raises alike."""
+        found: list[list[int]] = [self.store.steps() if self.rank == 0 else []]
+        dist.broadcast_object_list(found, src=0)
+        if found[0]:
+            steps = ", ".join(str(s) for s in found[0][-5:]) + (", ..." if len(found[0]) > 5 else "")
+            raise CheckpointError(
+                f"trainer.resume=false, but {self.store._url_prefix} already holds checkpoints of an earlier "
+                f"run (steps {steps}); a fresh run there would prune them and a later resume would jump to "
+                "them. Continue that run (trainer.resume=true), choose "
+                "another trainer.run_dir, or delete those checkpoints yourself"
+            )
+
     def load(self, step: int, state: TrainState) -> dict[str, Any]:
         dcp.load({"train": state}, storage_reader=self.store.reader(step))
         return self.store.read_json(step, TRAINER_STATE)

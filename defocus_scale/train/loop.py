@@ -477,6 +477,8 @@ def _resume_or_start(
     fresh start."""
     seed = cfg.trainer.seed * 1_000_003 + env.rank + 1
     torch.manual_seed(seed)  # per rank: drop-path masks differ across ranks
+    if not cfg.trainer.resume:
+        checkpointer.refuse_earlier_run()
     resume_step = checkpointer.find_resumable() if cfg.trainer.resume else None
     if resume_step is None:
         return 0, 0, None, None
