@@ -27,11 +27,14 @@ import multiprocessing
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
+import fsspec
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -299,6 +302,19 @@ def make_shards(
         raise ValueError(f"prefix may hold only letters, digits, '_' and '-'; got {prefix!r}")
 
     plan = plan_source(source, samples_per_shard, synthetic_samples, synthetic_classes, shuffle_seed)
+    # An object store (s3://...): shards are written in a local staging folder, each uploaded as soon as
+    # it is final and then removed there; the manifest goes last, so a listing with one is complete.
+    remote = _RemoteOutput(str(out_dir), prefix) if not _is_local_path(str(out_dir)) else None
+    staging = contextlib.ExitStack()
+    if remote is not None:
+        existing_remote = remote.existing()
+        if existing_remote and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds shards or a manifest ({existing_remote[0]}, …); "
+                                  "pass overwrite=True (--overwrite) to replace them")  # fmt: skip
+        remote.remove(existing_remote)
+        out_dir = Path(staging.enter_context(tempfile.TemporaryDirectory(prefix="make-shards-")))
+    if urlparse(str(out_dir)).scheme == "file":
+        out_dir = urlparse(str(out_dir)).path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = _existing_outputs(out_dir, prefix)
@@ -307,11 +323,21 @@ def make_shards(
                               "pass overwrite=True (--overwrite) to replace them")  # fmt: skip
     for path in existing + list(out_dir.glob(f".{glob.escape(prefix)}-chunk*.tar.tmp")):
         path.unlink()
+    with staging:
+        summary = _write_shards(plan, out_dir, prefix, workers, progress, remote, _Options(
+            image_format, resize, max_shard_bytes, len(plan.classes) if plan.classes else None,
+            SyntheticOptions(synthetic_classes, synthetic_image_size, seed),
+        ))  # fmt: skip
+    if progress:
+        print_summary(summary)
+    return summary
 
-    options = _Options(
-        image_format, resize, max_shard_bytes, len(plan.classes) if plan.classes else None,
-        SyntheticOptions(synthetic_classes, synthetic_image_size, seed),
-    )  # fmt: skip
+
+def _write_shards(
+    plan: Plan, out_dir: Path, prefix: str, workers: int, progress: bool, remote: _RemoteOutput | None,
+    options: _Options,
+) -> ShardSummary:  # fmt: skip
+
     records: list[ShardRecord] = []
     skipped = list(plan.skipped)
     finished: dict[int, _ChunkResult] = {}
@@ -326,6 +352,8 @@ def make_shards(
             for temporary, record in result.parts:
                 final = f"{prefix}-{len(records):06d}.tar"
                 os.replace(out_dir / temporary, out_dir / final)
+                if remote is not None:
+                    remote.upload(out_dir / final)
                 records.append(ShardRecord(final, record.samples, record.bytes, record.class_counts))
             skipped.extend(result.skipped)
             next_chunk += 1
@@ -348,14 +376,49 @@ def make_shards(
 
     labels_seen = max((len(r.class_counts) for r in records), default=0)
     classes = plan.classes or [str(label) for label in range(labels_seen)]
-    write_classes(out_dir, classes)
-    manifest = write_manifest(out_dir, records, len(classes))
+    written = [write_classes(out_dir, classes)]
     if skipped:
-        write_skipped(out_dir, skipped)
-    summary = ShardSummary(len(records), sum(r.samples for r in records), skipped, out_dir, manifest, classes)
-    if progress:
-        print_summary(summary)
-    return summary
+        written.append(write_skipped(out_dir, skipped))
+    manifest = write_manifest(out_dir, records, len(classes))
+    samples = sum(r.samples for r in records)
+    if remote is None:
+        return ShardSummary(len(records), samples, skipped, out_dir, manifest, classes)
+    for path in [*written, manifest]:
+        remote.upload(path)
+    return ShardSummary(len(records), samples, skipped, remote.url, remote.url_of(manifest.name), classes)
+
+
+def _is_local_path(out_dir: str) -> bool:
+    return urlparse(out_dir).scheme in ("", "file") or len(urlparse(out_dir).scheme) == 1  # C:\ paths
+
+
+class _RemoteOutput:
+    """The shard folder on an fsspec filesystem (an object store)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url, self.prefix = url.rstrip("/"), prefix
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def existing(self) -> list[str]:
+        found = self.fs.glob(f"{glob.escape(self.root)}/{glob.escape(self.prefix)}-[0-9]*.tar")
+        described = [f"{self.root}/{n}" for n in (MANIFEST_NAME, CLASSES_NAME, SKIPPED_NAME)]
+        return sorted(found) + [path for path in described if self.fs.exists(path)]
+
+    def remove(self, paths: list[str]) -> None:
+        if paths:
+            self.fs.rm(paths)
+
+    def upload(self, path: Path) -> None:
+        """Copy a finished local file up, then drop the local copy (the staging folder stays small)."""
+        try:
+            self.fs.put_file(str(path), f"{self.root}/{path.name}")
+        except OSError as exc:
+            raise OSError(f"could not upload {path.name} to {self.url}: {exc}") from exc
+        path.unlink()
 
 
 # ---------------------------------------------------------------- command line

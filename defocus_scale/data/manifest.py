@@ -40,8 +40,8 @@ class ShardSummary:
     shards: int
     samples: int
     skipped: list[tuple[str, str]]  # (source item, reason)
-    out_dir: Path
-    manifest: Path
+    out_dir: Path | str  # a local folder, or the URL of an object-store prefix
+    manifest: Path | str
     classes: list[str] = field(default_factory=list)
 
 

@@ -15,6 +15,7 @@ every sample of the epoch is delivered exactly once in total across the restart.
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import io
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +66,19 @@ class Shard:
 
 def _is_local(url: str) -> bool:
     return urlparse(url).scheme in ("", "file")
+
+
+def _remote_directory(url: str) -> tuple[Any, str] | None:
+    """``(filesystem, path)`` if ``url`` is a directory on an fsspec filesystem (``s3://bucket/shards``),
+    else None (a shard URL, a brace pattern, ``pipe:``, a protocol fsspec does not know)."""
+    if "{" in url or urlparse(url).scheme in ("pipe", "http", "https"):
+        return None
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError):  # no driver installed for the protocol: webdataset may still open it
+        return None
+    root = root.rstrip("/")
+    return (fs, root) if fs.isdir(root) else None
 
 
 def _shards_from_manifest(manifest: str) -> list[Shard]:
@@ -115,6 +130,13 @@ def resolve_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
                 raise FileNotFoundError(f"shard directory {source} has no {MANIFEST_NAME} and no .tar files")
         elif source.endswith(".parquet"):
             return _shards_from_manifest(source)
+        elif (remote := _remote_directory(source)) is not None:
+            fs, root = remote
+            if fs.isfile(f"{root}/{MANIFEST_NAME}"):
+                return _shards_from_manifest(f"{source.rstrip('/')}/{MANIFEST_NAME}")
+            urls = sorted(fs.unstrip_protocol(p) for p in fs.glob(f"{glob.escape(root)}/*.tar"))
+            if not urls:
+                raise FileNotFoundError(f"shard directory {source} has no {MANIFEST_NAME} and no .tar files")
         else:
             urls = expand_urls(source)
     if not urls:

@@ -61,6 +61,16 @@ class TrainState(Stateful):
             self.ema.load_state_dict(state["ema"])
 
 
+def _fsspec_storage() -> Any:
+    """DCP's fsspec writer and reader (object stores): a private module in torch 2.14, re-exported from
+    ``torch.distributed.checkpoint`` by some releases."""
+    try:
+        from torch.distributed.checkpoint import _fsspec_filesystem as storage
+    except ImportError:  # pragma: no cover - releases that moved it
+        import torch.distributed.checkpoint as storage
+    return storage
+
+
 def step_folder(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -86,16 +96,12 @@ class CheckpointStore:
     def writer(self, step: int) -> Any:
         if self.is_local:
             return FileSystemWriter(self.path(step))
-        from torch.distributed.checkpoint import FsspecWriter
-
-        return FsspecWriter(self.checkpoint_id(step))
+        return _fsspec_storage().FsspecWriter(self.checkpoint_id(step))
 
     def reader(self, step: int) -> Any:
         if self.is_local:
             return FileSystemReader(self.path(step))
-        from torch.distributed.checkpoint import FsspecReader
-
-        return FsspecReader(self.checkpoint_id(step))
+        return _fsspec_storage().FsspecReader(self.checkpoint_id(step))
 
     def steps(self) -> list[int]:
         """Steps that have a folder, complete or not, oldest first."""

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
@@ -51,9 +52,11 @@ def _open_checkpoint(checkpoint: str) -> tuple[CheckpointStore, int]:
 
 
 def is_dcp_checkpoint(path: str | Path) -> bool:
-    """A run directory (with ``checkpoints/``) or one of its checkpoint folders."""
-    path = Path(path)
-    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / TRAINER_STATE).is_file())
+    """A run directory (with ``checkpoints/``) or one of its checkpoint folders, on a local disk or any
+    fsspec filesystem (``s3://...``)."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    root = root.rstrip("/")
+    return fs.isdir(root) and (fs.isdir(f"{root}/checkpoints") or fs.isfile(f"{root}/{TRAINER_STATE}"))
 
 
 def read_dcp_weights(checkpoint: str, *, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
