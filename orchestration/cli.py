@@ -38,9 +38,11 @@ def prepare_launch(overrides: list[str]) -> PreparedLaunch:
     """Compose ``configs/train.yaml`` with ``overrides`` and split it; raises the trainer's ``ConfigError``
     (naming the key) for a bad trainer config and ``ValueError`` for a bad launcher/cluster/faults one."""
     from defocus_scale.train.config import compose_train_config, split_orchestration, to_train_config
+    from defocus_scale.train.preflight import check_run_inputs
 
     launcher_part, trainer_part = split_orchestration(compose_train_config(overrides))
     checked = to_train_config(trainer_part)  # resolves a copy; the workers resolve their own
+    check_run_inputs(checked)  # before any worker: a missing input is not retried as a worker failure
     run_dir = checked.trainer.run_dir.rstrip("/")
     if "storage_path" not in launcher_part and "run_name" not in launcher_part:
         storage_path, run_name = posixpath.split(run_dir)

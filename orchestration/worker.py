@@ -85,9 +85,12 @@ def run_worker(job: WorkerJob) -> dict[str, Any]:
     try:
         result = dict(resolve_entry(job.entry)(cfg, hooks) or {})
     except Exception as exc:
-        if getattr(exc, "retryable", True):
+        from defocus_scale.train.cli import worth_a_restart
+
+        if worth_a_restart(exc):
             raise
-        # A failure a restart would only replay (the trainer says so): end this launch without a retry.
+        # A failure a restart would only replay (a non-finite streak, a missing input, a bad config): end
+        # this launch without a retry.
         # Every rank raises it (the trainer decides on all-reduced figures); rank 0 records why.
         note = FailureNote(time.time(), str(exc)[:2000], "trainer", rank=rank)
         write_failure_note(storage, note)

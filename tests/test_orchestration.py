@@ -290,6 +290,40 @@ def test_nonfinite_streak_stops_the_launch_without_restarts(ray_local, shards, t
     assert (Path(orchestration.run_dir) / "nonfinite_steps.json").exists()
 
 
+def test_missing_inputs_are_named_before_any_worker_starts(shards, tmp_path) -> None:
+    """A misspelt data path or an unwritable run directory: one error naming the key, from the driver."""
+    from defocus_scale.orchestration.cli import prepare_launch
+    from defocus_scale.train.config import ConfigError
+
+    base = ["~synthetic_data", f"data.source={shards}", "data.eval_source=null",
+            f"trainer.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    prepare_launch(base)
+    with pytest.raises(ConfigError, match=r"data.source=.*trian.*(no such|exist|names no)"):
+        prepare_launch([*base, f"data.source={tmp_path / 'trian'}"])
+    with pytest.raises(ConfigError, match="data.eval_source="):
+        prepare_launch([*base, f"data.eval_source={tmp_path / 'val-missing'}"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="trainer.run_dir=.*cannot be written"):
+        prepare_launch([*base, f"trainer.run_dir={tmp_path / 'a-file' / 'run'}"])
+    with pytest.raises(ConfigError, match="trainer.init_from=.*does not exist"):
+        prepare_launch([*base, f"trainer.init_from={tmp_path / 'nothing.safetensors'}"])
+
+
+@pytest.mark.distributed
+def test_missing_data_in_the_workers_is_not_retried(shards, tmp_path) -> None:
+    """Past the driver's check (a launch through the API), a worker's missing-input error ends the launch
+    at once with its message instead of spending every restart on it."""
+    from defocus_scale.orchestration.launch import launch
+    from defocus_scale.orchestration.recovery import read_restart_records
+
+    cfg = _trainer_cfg(shards)
+    cfg["data"]["source"] = str(tmp_path / "misspelt")
+    orchestration = _orchestration(tmp_path, kind="torchrun")
+    with pytest.raises(RuntimeError, match=r"not retried.*FileNotFoundError.*misspelt"):
+        launch(orchestration, cfg)
+    assert read_restart_records(orchestration.run_dir) == []
+
+
 def test_trainer_entry_resolves() -> None:
     assert resolve_entry(TRAINER_ENTRY).__name__ == "train_in_process_group"
 

@@ -279,15 +279,28 @@ def _report_failure(console: Console, exc: BaseException, signum: int | None) ->
     elif any(marker in text for marker in _PEER_LOST):
         console.print(f"rank {_rank()}: stopped: lost the connection to another rank, which probably "
                       f"failed (see its message): {first_line}", soft_wrap=True)  # fmt: skip
-    elif _caused_by_the_user(exc):  # its message names the thing and what to do; a traceback would bury it
+    elif caused_by_the_user(exc):  # its message names the thing and what to do; a traceback would bury it
         console.print(f"[red]rank {_rank()}: training stopped:[/] {escape(text)}", soft_wrap=True)
     else:
         console.print(f"[red]rank {_rank()}: training failed:[/] {first_line}", soft_wrap=True)
         traceback.print_exception(exc, file=sys.stderr)
 
 
-def _caused_by_the_user(exc: BaseException) -> bool:
-    """Errors a user's config, data, checkpoint or disk causes: reported as their message alone."""
+def worth_a_restart(exc: BaseException) -> bool:
+    """Whether a launcher should restart the workers after ``exc``: an error's own ``retryable`` decides;
+    else not for what the user must fix (config, missing input, damaged checkpoint, full disk), which a
+    restart would only meet again -- except a shard read failure, which a storage outage can cause."""
+    from defocus_scale.data.stream import ShardReadError
+
+    explicit = getattr(exc, "retryable", None)
+    if explicit is not None:
+        return bool(explicit)
+    return isinstance(exc, ShardReadError) or not caused_by_the_user(exc)
+
+
+def caused_by_the_user(exc: BaseException) -> bool:
+    """Errors a user's config, data, checkpoint or disk causes: reported as their message alone, and not
+    worth a restart (the orchestration's workers end the launch on them)."""
     import errno
 
     from defocus_scale.data.stream import ShardReadError
@@ -295,6 +308,8 @@ def _caused_by_the_user(exc: BaseException) -> bool:
     from defocus_scale.train.nonfinite import NonFiniteTrainingError
 
     if isinstance(exc, ConfigError | CheckpointError | ShardReadError | NonFiniteTrainingError):
+        return True
+    if isinstance(exc, FileNotFoundError):  # raised with a message naming the path (errno unset)
         return True
     return isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOSPC, errno.EDQUOT)
 
