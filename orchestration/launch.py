@@ -125,9 +125,33 @@ def _launch_ray(job: WorkerJob) -> None:
         ),
     )
     with ray_session(orch.cluster):
-        result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed after {launcher.max_failures} restarts: {result.error}")
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # noqa: BLE001 -- Ray's TrainingFailedError family: one message, no traceback
+            if not type(exc).__module__.startswith("ray."):
+                raise
+            raise RuntimeError(_ray_failure_message(exc, launcher.max_failures)) from None
+    if result.error is not None:  # Ray Train v1 reports the failure here instead of raising
+        raise RuntimeError(_ray_failure_message(result.error, launcher.max_failures))
+
+
+def _ray_failure_message(exc: BaseException, max_failures: int) -> str:
+    """The failure as the user needs it: the first failed worker's own error (its last line), or the
+    controller's, rather than Ray's wrapper and its traceback."""
+    causes: list[str] = []
+    for rank, failure in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+        causes.append(f"worker {rank}: {_last_line(failure)}")
+    controller = getattr(exc, "controller_failure", None)
+    if controller is not None:
+        causes.append(f"Ray Train controller: {_last_line(controller)}")
+    detail = "; ".join(causes[:3]) + (f" (and {len(causes) - 3} more)" if len(causes) > 3 else "")
+    return (f"training failed (the worker group was restarted up to launcher.max_failures={max_failures} "
+            f"times): {detail or _last_line(exc)}")  # fmt: skip
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:1000]
 
 
 def _launch_torchrun(job: WorkerJob) -> None:

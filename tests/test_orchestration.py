@@ -324,6 +324,28 @@ def test_missing_data_in_the_workers_is_not_retried(shards, tmp_path) -> None:
     assert read_restart_records(orchestration.run_dir) == []
 
 
+def failing_entry(cfg, hooks) -> dict:
+    """A trainer entry whose every attempt fails with an ordinary (retryable) error."""
+    raise RuntimeError("boom from the entry")
+
+
+@pytest.mark.distributed
+def test_ray_failure_is_one_message_naming_the_workers_error(ray_local, shards, tmp_path) -> None:
+    import dataclasses
+
+    from defocus_scale.orchestration.launch import launch
+
+    orchestration = _orchestration(tmp_path)
+    orchestration = dataclasses.replace(
+        orchestration, launcher=dataclasses.replace(orchestration.launcher, max_failures=0)
+    )
+    with pytest.raises(RuntimeError) as failure:
+        launch(orchestration, _trainer_cfg(shards), entry=failing_entry)
+    message = str(failure.value)
+    assert "max_failures=0" in message and "RuntimeError: boom from the entry" in message, message
+    assert "Traceback" not in message and failure.value.__cause__ is None
+
+
 def test_trainer_entry_resolves() -> None:
     assert resolve_entry(TRAINER_ENTRY).__name__ == "train_in_process_group"
 
