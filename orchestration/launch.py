@@ -102,6 +102,8 @@ def _launch_ray(job: WorkerJob) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from defocus_scale.train.config import collective_timeout_s
+
     orch = job.orchestration
     launcher = orch.launcher
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(launcher.health_check_interval_s)
@@ -113,7 +115,9 @@ def _launch_ray(job: WorkerJob) -> None:
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend=launcher.backend) if launcher.backend else None,
+        torch_config=TorchConfig(
+            backend=launcher.backend, timeout_s=int(collective_timeout_s(job.trainer_cfg))
+        ),
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=launcher.gpus_per_worker > 0, resources_per_worker=resources
         ),

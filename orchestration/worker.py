@@ -7,6 +7,7 @@ calls the trainer entry. ``python -m defocus_scale.orchestration.worker JOB`` is
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import pickle
@@ -112,6 +113,7 @@ def torchrun_main(job_file: str) -> int:
     from rich.console import Console
 
     from defocus_scale.train.cli import run_guarded
+    from defocus_scale.train.config import collective_timeout_s
 
     with open(job_file, "rb") as handle:
         job: WorkerJob = pickle.load(handle)
@@ -120,7 +122,8 @@ def torchrun_main(job_file: str) -> int:
     backend = launcher.backend or ("nccl" if on_gpu else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    timeout = datetime.timedelta(seconds=collective_timeout_s(job.trainer_cfg))
+    dist.init_process_group(backend, timeout=timeout)
     return run_guarded(lambda: run_worker(job), Console(stderr=True))
 
 

@@ -186,3 +186,23 @@ def test_entry_config_replaces_the_default_model() -> None:
     base.pop("model")
     merged = to_train_config(OmegaConf.merge(base, cfg))
     assert merged.model.overrides == {"depth": 2}
+
+
+def test_collectives_time_out_as_configured(tmp_path: Path) -> None:
+    """``trainer.collective_timeout_s`` reaches the process group: a peer that never joins fails the
+    collective in seconds."""
+    import subprocess
+    import sys
+
+    from defocus_scale.train.config import collective_timeout_s
+
+    assert collective_timeout_s({}) == 600.0
+    assert collective_timeout_s({"trainer": {"collective_timeout_s": 30}}) == 30.0
+    script = Path(__file__).parent / "dist_scripts" / "collective_timeout.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if "TIMED OUT" in x), None)
+    assert line is not None, done.stdout + done.stderr[-3000:]
+    assert float(line.split()[3]) < 15, line

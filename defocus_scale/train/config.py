@@ -5,6 +5,7 @@ unknown key or a wrongly typed value is an error that names the key. The values 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3
     skip_steps: list[int] = field(default_factory=list)  # steps (1-based) whose batches are drawn and dropped
     inject_nonfinite_at: list[int] = field(default_factory=list)  # fault drill: NaN loss at these steps
+    # A collective that waits longer than this fails its rank (a dead or hung peer) instead of stalling the
+    # job; the slowest first step (compile), checkpoint load and eval must fit in it. torch's NCCL default.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -190,3 +194,11 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-able containers (stored in every checkpoint)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def collective_timeout_s(trainer_cfg: dict) -> float:
+    """``trainer.collective_timeout_s`` of an unresolved trainer config (a launcher's, before the workers
+    resolve theirs), or its default."""
+    default = next(f.default for f in dataclasses.fields(TrainerConfig) if f.name == "collective_timeout_s")
+    value = (trainer_cfg.get("trainer") or {}).get("collective_timeout_s", default)
+    return float(default if value is None else value)

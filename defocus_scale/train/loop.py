@@ -243,7 +243,7 @@ def train(
     trainer = cfg.trainer
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
-    env = env or init_distributed(trainer.device)
+    env = env or init_distributed(trainer.device, timeout_s=trainer.collective_timeout_s)
     console = console or Console()
     plan = resolve_batch(cfg, env.world_size)
     data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)

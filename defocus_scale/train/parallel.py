@@ -3,6 +3,7 @@ and at the root -> materialise on the target device -> ``init_weights``. No rank
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 from dataclasses import dataclass
@@ -33,9 +34,12 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", backend: str | None = None) -> DistEnv:
+def init_distributed(
+    device: str = "auto", backend: str | None = None, timeout_s: float | None = None
+) -> DistEnv:
     """Join the process group torchrun (or Ray Train) describes, creating it if needed; a lone process
-    without torchrun's variables becomes a world of one. NCCL on CUDA, gloo on CPU."""
+    without torchrun's variables becomes a world of one. NCCL on CUDA, gloo on CPU. ``timeout_s``: of the
+    group's collectives, when this creates it."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -46,7 +50,8 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=timeout)
     mesh = init_device_mesh(target.type, (dist.get_world_size(),))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, target, mesh)
 
