@@ -77,10 +77,16 @@ def test_clip_grad_norm_plain_tensors() -> None:
 
 
 def _fake_checkpoint(store: CheckpointStore, step: int, *, commit: bool = True) -> Path:
+    """A real (one-process) DCP save of a small tensor, plus the trainer state."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
     folder = Path(store.path(step))
     folder.mkdir(parents=True)
-    (folder / "__0_0.distcp").write_bytes(b"x" * 100)
-    (folder / ".metadata").write_bytes(b"m" * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"w": torch.zeros(64)}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
     (folder / TRAINER_STATE).write_text(json.dumps({"step": step}))
     if commit:
         store.commit(step)
@@ -102,6 +108,19 @@ def test_store_skips_partial_and_damaged_checkpoints(tmp_path: Path) -> None:
     assert "commit marker" in reasons[40] and "50 bytes" in reasons[30] and ".metadata" in reasons[20]
     (Path(store.path(10)) / COMMIT_MARKER).write_text("{not json")
     assert "unreadable" in store.problem(10)
+
+
+def test_hand_edited_commit_marker_is_checked_against_dcp_metadata(tmp_path: Path) -> None:
+    """A tensor file removed from disk and from COMMITTED.json: DCP's .metadata still names it."""
+    store = CheckpointStore(str(tmp_path))
+    folder = _fake_checkpoint(store, 7)
+    assert store.problem(7) is None
+    data_file = next(folder.glob("*.distcp"))
+    data_file.unlink()
+    marker = json.loads((folder / COMMIT_MARKER).read_text())
+    del marker["files"][data_file.name]
+    (folder / COMMIT_MARKER).write_text(json.dumps(marker))
+    assert store.problem(7) == f"file {data_file.name}, which DCP's .metadata names, is missing"
 
 
 def test_store_prunes_to_keep_last(tmp_path: Path) -> None:

@@ -155,6 +155,17 @@ class CheckpointStore:
             self.read_json(step, TRAINER_STATE)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             return f"unreadable {TRAINER_STATE} ({exc})"
+        # The marker is a plain file anyone can edit: DCP's own metadata says which files hold the tensors.
+        if ".metadata" not in found:
+            return "DCP's .metadata is missing"
+        try:
+            storage = self.reader(step).read_metadata().storage_data or {}
+        except Exception as exc:  # noqa: BLE001 -- DCP raises several types for a damaged .metadata
+            return f"unreadable DCP .metadata ({type(exc).__name__}: {exc})"
+        for info in storage.values():
+            name = getattr(info, "relative_path", None)
+            if name is not None and name not in found:
+                return f"file {name}, which DCP's .metadata names, is missing"
         return None
 
     def newest_complete(self) -> tuple[int | None, list[tuple[int, str]]]:
