@@ -16,8 +16,6 @@ import os
 import signal
 import time
 
-import pyarrow.fs as pafs
-
 from .config import FaultConfig
 from .recovery import FOLDER, FailureNote, write_failure_note
 from .storage import RunStorage
@@ -30,17 +28,17 @@ def corrupt_checkpoint(storage: RunStorage, checkpoint: str) -> str:
 
     Truncation, unlike flipping bytes, cannot go unnoticed when the tensors are read back. Returns the
     damaged file's path."""
-    selector = pafs.FileSelector(storage.path(checkpoint), recursive=True, allow_not_found=True)
-    files = [i for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.File]
-    data_files = [i for i in files if not i.base_name.startswith(".")] or files
+    folder = storage.path(checkpoint)
+    files = storage.fs.find(folder, detail=True) if storage.fs.isdir(folder) else {}
+    sizes = {path: int(info["size"]) for path, info in files.items() if info["type"] == "file"}
+    data_files = [p for p in sizes if not p.rsplit("/", 1)[-1].startswith(".")] or list(sizes)
     if not data_files:
         raise FileNotFoundError(f"checkpoint {checkpoint!r} under {storage.root} has no files to corrupt")
-    victim = max(data_files, key=lambda i: (i.size, i.path))
-    with storage.fs.open_input_stream(victim.path) as stream:
-        head = stream.read(victim.size // 2)
-    with storage.fs.open_output_stream(victim.path) as out:
+    victim = max(data_files, key=lambda p: (sizes[p], p))
+    head = storage.fs.cat_file(victim, start=0, end=sizes[victim] // 2)
+    with storage.fs.open(victim, "wb") as out:
         out.write(head)
-    return victim.path
+    return victim
 
 
 class FaultInjector:

@@ -1,4 +1,4 @@
-"""Small files beside a run's checkpoints, on a local directory or an object store (through pyarrow.fs).
+"""Small files beside a run's checkpoints, on a local directory or an object store (through fsspec).
 
 Every worker and the Ray controller reach the run directory by its URL, so notes written here (failures,
 progress, restart records) survive the processes that wrote them.
@@ -6,29 +6,25 @@ progress, restart records) survive the processes that wrote them.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import uuid
 from typing import Any
-from urllib.parse import urlparse
 
+import fsspec
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
-def _as_uri(location: str) -> str:
-    """pyarrow wants absolute local paths; URLs (s3://, gs://, file://) pass unchanged."""
-    return location if urlparse(location).scheme not in ("",) else os.path.abspath(location)
-
-
 class RunStorage:
-    """Files under ``root`` (a run directory). Writes go to a temporary name first, then move into place,
-    so a reader never sees half a file (object stores write whole objects anyway)."""
+    """Files under ``root`` (a run directory: a local path or any fsspec URL, the same layer the trainer's
+    checkpoints and the data use, with the same credentials). Writes go to a temporary name first, then
+    move into place, so a reader never sees half a file (object stores write whole objects anyway)."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
-        self.fs, self.base = pafs.FileSystem.from_uri(_as_uri(self.root))
+        self.fs, base = fsspec.core.url_to_fs(self.root)
+        self.base = base.rstrip("/")
 
     def __reduce__(self):  # rebuilt from the URL in the receiving process
         return (RunStorage, (self.root,))
@@ -37,19 +33,18 @@ class RunStorage:
         return "/".join([self.base, *parts])
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        return self.fs.exists(self.path(*parts))
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         target = self.path(*parts)
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(temporary) as out:
+        with self.fs.open(temporary, "wb") as out:
             out.write(data)
-        self.fs.move(temporary, target)
+        self.fs.mv(temporary, target)
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self.path(*parts)) as stream:
-            return stream.read()
+        return self.fs.cat_file(self.path(*parts))
 
     def write_json(self, value: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(value, sort_keys=True).encode(), *parts)
@@ -59,29 +54,37 @@ class RunStorage:
             return default
         return json.loads(self.read_bytes(*parts))
 
+    def list_entries(self, *parts: str, kind: str = "file") -> list[str]:
+        """Names (not paths) of the entries of ``kind`` ("file" or "directory") directly under ``parts``,
+        sorted; [] if it does not exist. Temporary files are left out."""
+        folder = self.path(*parts)
+        if not self.fs.isdir(folder):
+            return []
+        names = (info["name"].rstrip("/").rsplit("/", 1)[-1]
+                 for info in self.fs.ls(folder, detail=True) if info["type"] == kind)  # fmt: skip
+        return sorted(name for name in names if ".tmp-" not in name)
+
     def list_files(self, *parts: str) -> list[str]:
         """Names (not paths) of the plain files directly under ``parts``, sorted; [] if it does not exist."""
-        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
-        names = (i.base_name for i in infos if i.type == pafs.FileType.File)
-        return sorted(name for name in names if ".tmp-" not in name)
+        return self.list_entries(*parts, kind="file")
 
     def delete(self, *parts: str) -> None:
         if self.exists(*parts):
-            self.fs.delete_file(self.path(*parts))
+            self.fs.rm_file(self.path(*parts))
 
     def append_rows(self, rows: list[dict], *parts: str) -> None:
         """Append rows to a Parquet table (read, concatenate, rewrite: these tables hold a few rows)."""
         table = pa.Table.from_pylist(rows)
         if self.exists(*parts):
-            with self.fs.open_input_file(self.path(*parts)) as source:
-                table = pa.concat_tables([pq.read_table(source), table], promote_options="default")
-        sink = pa.BufferOutputStream()
+            table = pa.concat_tables([self._read_table(*parts), table], promote_options="default")
+        sink = io.BytesIO()
         pq.write_table(table, sink)
-        self.write_bytes(sink.getvalue().to_pybytes(), *parts)
+        self.write_bytes(sink.getvalue(), *parts)
 
     def read_rows(self, *parts: str) -> list[dict]:
         if not self.exists(*parts):
             return []
-        with self.fs.open_input_file(self.path(*parts)) as source:
-            return pq.read_table(source).to_pylist()
+        return self._read_table(*parts).to_pylist()
+
+    def _read_table(self, *parts: str) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(*parts)))

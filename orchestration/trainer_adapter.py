@@ -22,8 +22,6 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import pyarrow.fs as pafs
-
 from .config import BatchPlan, plan_batch
 from .storage import RunStorage
 
@@ -103,8 +101,7 @@ def _trailing_number(name: str) -> int:
 
 def list_complete_checkpoints(storage: RunStorage) -> list[str]:
     """Complete checkpoint folders (relative to the run directory), oldest first."""
-    selector = pafs.FileSelector(storage.path(CHECKPOINT_FOLDER), allow_not_found=True)
-    folders = [i.base_name for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.Directory]
+    folders = storage.list_entries(CHECKPOINT_FOLDER, kind="directory")
     complete = [f for f in folders if storage.exists(CHECKPOINT_FOLDER, f, COMPLETE_MARKER)]
     return [f"{CHECKPOINT_FOLDER}/{f}" for f in sorted(complete, key=_trailing_number)]
 
