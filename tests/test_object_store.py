@@ -169,3 +169,32 @@ def test_training_streams_from_and_checkpoints_to_the_store(
     assert done.returncode == 0, done.stderr[-5000:]
     scores = json.loads(done.stdout.strip().splitlines()[-1])
     assert scores["images"] == 64 and abs(scores["loss"] - resumed["eval_ema/loss"]) < 1e-4, scores
+
+
+@pytest.mark.distributed
+def test_ray_run_on_the_store_survives_a_killed_rank(s3_env: dict[str, str], s3_shards: str) -> None:
+    """`defocus-scale train` through Ray with the run directory (checkpoints, restart records, results) on
+    the store: rank 1 is SIGKILLed at step 3, the group restarts from the step-2 checkpoint read back from
+    the store, and every sample is still drawn exactly once."""
+    pytest.importorskip("ray")
+    run_dir = "s3://bucket/runs/ray"
+    settings = {
+        "data.source": f"{s3_shards}/train", "data.eval_source": "null", "data.batch_size": 8,
+        "data.workers": 0, "trainer.run_dir": run_dir, "trainer.max_steps": 6, "trainer.checkpoint_every": 2,
+        "trainer.global_batch": 16, "trainer.audit_samples": True, "trainer.tensorboard": False,
+        "trainer.progress": False, "launcher.num_workers": 2, "launcher.health_check_interval_s": 0.5,
+        "faults.enabled": True, "faults.kill_rank": 1, "faults.kill_step": 3, "cluster.num_cpus": 4,
+    }  # fmt: skip
+    command = [sys.executable, "-m", "defocus_scale.cli", "train", "~synthetic_data", *TINY_MODEL,
+               *[f"{k}={v}" for k, v in settings.items()]]  # fmt: skip
+    env = {**os.environ, **s3_env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-20000:]
+
+    from defocus_scale.orchestration.recovery import read_restart_records
+    from defocus_scale.train.checkpoint import TRAINER_STATE, CheckpointStore
+
+    restarts = read_restart_records(run_dir)
+    assert len(restarts) == 1 and restarts[0].resumed_from_step == 2, restarts
+    consumed = CheckpointStore(run_dir).read_json(6, TRAINER_STATE)["consumed_keys"]
+    assert len(consumed) == 6 * 16 and len(set(consumed)) == len(consumed)
