@@ -27,8 +27,11 @@ from .worker import FATAL_KEY, WorkerJob, ray_train_loop, result_name
 
 logger = logging.getLogger(__name__)
 
-# Ray prints one line per worker per event; keep that readable and quiet by default.
+# Ray prints one line per worker per event; keep that readable and quiet by default. Set when this module
+# is imported, before anything imports ray.train: Ray Train reads RAY_TRAIN_V2_ENABLED at its own import.
 _RAY_ENV_DEFAULTS = {"RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1"}
+for _key, _value in _RAY_ENV_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
 
 
 @dataclass
@@ -61,8 +64,6 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     (and left running)."""
     import ray
 
-    for key, value in _RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     if ray.is_initialized():
         yield
         return
