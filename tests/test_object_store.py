@@ -67,6 +67,13 @@ def s3_env() -> Iterator[dict[str, str]]:
         server.wait(30)
 
 
+def _without_rendezvous(env: os._Environ | dict) -> dict[str, str]:
+    """The environment minus torch.distributed's rendezvous variables (an in-process group of an earlier
+    test may have left some), so a child process makes its own group."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    return {k: v for k, v in env.items() if k not in names}
+
+
 def _s3():
     import fsspec
 
@@ -126,7 +133,7 @@ def _train(env: dict[str, str], shards: str, run_dir: str, **extra: object) -> s
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "defocus_scale.train", *[f"{k}={v}" for k, v in settings.items()], "~synthetic_data",
                *TINY_MODEL]  # fmt: skip
-    run_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run_env = {**_without_rendezvous(os.environ), **env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=400)
 
 
@@ -164,7 +171,8 @@ def test_training_streams_from_and_checkpoints_to_the_store(
     assert exported.stat().st_size > 0
     done = subprocess.run(
         [sys.executable, "-m", "defocus_scale.cli", "eval", run_dir, f"{s3_shards}/val", "--ema"],
-        cwd=REPO, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env={**_without_rendezvous(os.environ), **s3_env}, capture_output=True, text=True,
+        timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
     scores = json.loads(done.stdout.strip().splitlines()[-1])
@@ -187,7 +195,7 @@ def test_ray_run_on_the_store_survives_a_killed_rank(s3_env: dict[str, str], s3_
     }  # fmt: skip
     command = [sys.executable, "-m", "defocus_scale.cli", "train", "~synthetic_data", *TINY_MODEL,
                *[f"{k}={v}" for k, v in settings.items()]]  # fmt: skip
-    env = {**os.environ, **s3_env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**_without_rendezvous(os.environ), **s3_env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-20000:]
 

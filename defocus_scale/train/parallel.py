@@ -46,12 +46,14 @@ def init_distributed(
         torch.cuda.set_device(local_rank)
     target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=timeout)
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if "WORLD_SIZE" in os.environ:  # torchrun, Ray Train or a launcher of one's own set the rendezvous
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a lone process: a world of one, without writing torchrun's variables into os.environ (a
+            # child process inheriting them would try to join this process's store)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timeout)  # fmt: skip
     mesh = init_device_mesh(target.type, (dist.get_world_size(),))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, target, mesh)
 
