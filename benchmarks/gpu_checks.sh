@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go, for a session that is lent one.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR [STEP ...]      STEP: env tests scan train (default: all)
+#   bash benchmarks/gpu_checks.sh OUT_DIR [STEP ...]      STEP: env tests report scan train (default: all)
 #
 # The GPU machine has torch and triton but cannot reach a package registry: pure-Python wheels of what
 # it lacks (flash-linear-attention, hydra-core, omegaconf, webdataset, ...) go in .whl/ beside this
@@ -11,7 +11,7 @@
 set -u -o pipefail
 out=$(realpath -m "${1:?usage: gpu_checks.sh OUT_DIR [STEP ...]}")
 shift
-steps=${*:-env tests scan train}
+steps=${*:-env tests report scan train}
 mkdir -p "$out"
 site=$(mktemp -d /tmp/defocus-site.XXXX)
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -33,6 +33,10 @@ for step in $steps; do
     tests)  # the kernel, operator and model tests, compiled for the GPU (not interpreted)
       timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py \
         tests/test_models.py --junitxml "$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" | tail -40 ;;
+    report)  # the ahead-of-time kernel report for this GPU's arch: its estimates sit beside the timings
+      arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+      timeout 240 $py benchmarks/kernel_report.py --archs "sm_$arch" --json "$out/kernel_report.json" \
+        2>&1 | tee "$out/kernel_report.log" | tail -5 ;;
     scan)
       timeout 300 $py benchmarks/bench_scan.py --dtype bf16 --batch 64 128 --out "$out/bench_scan.json" \
         2>&1 | tee "$out/bench_scan.log" ;;

@@ -322,16 +322,16 @@ def test_opcheck_triton_ops():
     """``torch.library.opcheck`` (schema, fake tensors, autograd registration, AOT dispatch) on the four
     Triton ops, at tiny shapes."""
     t = _scan_inputs(1, 3, 4, 2)
-    scan = [t[n].requires_grad_() for n in ("u", "delta", "A", "B", "C", "freq", "D", "z")]
-    config = (0.5, 2, 2, 4)  # position_scale, group_size, chunk_size, block_channels
+    scan = [t[n].requires_grad_() for n in ("u", "delta", "A", "B", "C", "D", "z")]
+    config = (2, 2, 4)  # group_size, chunk_size, block_channels
     torch.library.opcheck(selective_triton.selective_scan_triton_fwd, (*scan, *config, False, True))
     detached = [x.detach() for x in scan]
     out, boundary = selective_triton.selective_scan_triton_fwd(*detached, *config, False, True)
     torch.library.opcheck(
         selective_triton.selective_scan_triton_bwd, (torch.randn_like(out), *detached, boundary, *config)
     )
-    # without freq / D / z: the optional gradients come back empty
-    plain = (*detached[:5], None, None, None)
+    # without D / z: the optional gradients come back empty
+    plain = (*detached[:5], None, None)
     out, boundary = selective_triton.selective_scan_triton_fwd(*plain, *config, True, True)
     torch.library.opcheck(
         selective_triton.selective_scan_triton_bwd, (torch.randn_like(out), *plain, boundary, *config)

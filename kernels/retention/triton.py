@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
+from ..launch import KernelLaunch, LaunchWork
 from ..selective.triton import check_triton_device, device_guard
 from .triton_kernels import _retention_bwd_kernel, _retention_fwd_kernel
 
@@ -30,13 +31,18 @@ class _Tiling:
         self.block_t = max(16, min(chunk_size, _next_power_of_2(length)))
         self.block_p = max(16, _next_power_of_2(dk // 2))
         self.block_v = max(16, min(block_v, _next_power_of_2(dv)))
+        if q.dtype == torch.float32:
+            # full-fp32 products run on the FMA units with their operands in registers: a smaller value
+            # block keeps the backward's tiles within the A100's shared memory
+            self.block_v = min(self.block_v, 32)
         self.num_v = -(-dv // self.block_v)
         self.num_chunks = -(-length // self.block_t)
         self.dot_dtype = _DOT_DTYPES[q.dtype]
         if q.dtype == torch.float32:
             self.precision = "ieee"
         else:  # tensor cores; the interpreter (CPU) cannot multiply 16-bit floats (see _mm)
-            self.precision = "tf32" if q.is_cuda else "emulate"
+            # (meta tensors: the kernel report, compiling for a GPU)
+            self.precision = "emulate" if q.device.type == "cpu" else "tf32"
         self.num_warps = 4 if self.block_p * self.block_v <= 64 * 64 else 8
 
     def meta(self, has_theta: bool) -> dict:
@@ -44,6 +50,68 @@ class _Tiling:
             HAS_THETA=has_theta, BLOCK_T=self.block_t, BLOCK_P=self.block_p, BLOCK_V=self.block_v,
             DOT_DTYPE=self.dot_dtype, PRECISION=self.precision, num_warps=self.num_warps,
         )  # fmt: skip
+
+
+def forward_launch(
+    q, k, v, log_decay, theta, chunk_size: int, block_v: int
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """The forward kernel's launch for these contiguous inputs and the output it writes; also what
+    ``benchmarks/kernel_report.py`` compiles."""
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    meta = tiling.meta(theta is not None)
+    num_warps = meta.pop("num_warps")
+    io = sum(t.numel() * t.element_size() for t in (q, k, v, out))
+    launch = KernelLaunch(
+        _retention_fwd_kernel, (batch * heads, tiling.num_v),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay,
+             theta_ptr=theta if theta is not None else log_decay, o_ptr=out,
+             length=length, heads=heads, dk=dk, dv=dv, num_chunks=tiling.num_chunks),
+        meta, num_warps=num_warps,
+        # q and k are read once per value block
+        work=LaunchWork(token_steps=tiling.num_chunks, exp=0, bytes_min=io,
+                        bytes_moved=io + (tiling.num_v - 1) * (q.numel() + k.numel()) * q.element_size()),
+        notes={"tokens_per_iteration": tiling.block_t},
+    )  # fmt: skip
+    return launch, out
+
+
+def backward_launch(dout, q, k, v, log_decay, theta, chunk_size: int, block_v: int):
+    """The backward kernel's launch and the tensors it writes (gradients or per-value-block shares)."""
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    # Chunks of at most 32 tokens and 8 warps: the backward holds two states and twice the forward's
+    # tiles; at 64 tokens and 4 warps it spilled 1.5 KB a thread (bf16, sm_90; fp32 3 KB) in the report.
+    # The chunk size is a tiling choice only: the result is the same.
+    tiling = _Tiling(length, dk, dv, min(chunk_size, 32), block_v, q)
+    tiling.num_warps = 8
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if tiling.num_v == 1:  # the kernel writes the final gradients directly
+        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+    else:  # one fp32 share per value block, summed by the caller
+        dq = torch.empty(tiling.num_v, *q.shape, **f32)
+        dk_ = torch.empty(tiling.num_v, *k.shape, **f32)
+    dtheta = torch.empty(tiling.num_v, batch, heads, dk // 2, **f32) if theta is not None else None
+    grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v),
+                 dlog_decay=torch.empty(tiling.num_v, batch, heads, **f32), dtheta=dtheta)  # fmt: skip
+    meta = tiling.meta(theta is not None)
+    num_warps = meta.pop("num_warps")
+    io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"]))
+    launch = KernelLaunch(
+        _retention_bwd_kernel, (batch * heads, tiling.num_v),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay,
+             theta_ptr=theta if theta is not None else log_decay, do_ptr=dout, dq_ptr=dq, dk_ptr=dk_,
+             dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
+             dtheta_ptr=dtheta if dtheta is not None else grads["dlog_decay"],
+             batch=batch, length=length, heads=heads, dk=dk, dv=dv, num_chunks=tiling.num_chunks),
+        meta, num_warps=num_warps,
+        # two passes over the chunks (forward for dq, reverse for dk and dv): the inputs are read twice
+        work=LaunchWork(token_steps=tiling.num_chunks, exp=0, bytes_min=io, bytes_moved=2 * io),
+        notes={"tokens_per_iteration": tiling.block_t},
+    )  # fmt: skip
+    return launch, grads
 
 
 # --- torch.library custom ops (``custom_op`` rather than ``triton_op``: see ``selective/triton.py``) ------
@@ -62,15 +130,9 @@ def retention_scan_triton_fwd(
     block_v: int,
 ) -> torch.Tensor:
     """``(batch, length, heads, dv)`` in ``v``'s dtype from contiguous inputs."""
-    batch, length, heads, dk = q.shape
-    dv = v.shape[-1]
-    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
-    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    launch, out = forward_launch(q, k, v, log_decay, theta, chunk_size, block_v)
     with device_guard(q):
-        _retention_fwd_kernel[(batch * heads, tiling.num_v)](
-            q, k, v, log_decay, theta if theta is not None else log_decay, out,
-            length, heads, dk, dv, tiling.num_chunks, **tiling.meta(theta is not None),
-        )  # fmt: skip
+        launch.run()
     return out
 
 
@@ -91,28 +153,14 @@ def retention_scan_triton_bwd(
     block_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_decay, dtheta)``, each in its input's dtype (``dtheta`` empty without theta)."""
-    batch, length, heads, dk = q.shape
-    dv = v.shape[-1]
-    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    if tiling.num_v == 1:  # the kernel writes the final gradients directly
-        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
-    else:  # one fp32 share per value block, summed below
-        dq = torch.empty(tiling.num_v, *q.shape, **f32)
-        dk_ = torch.empty(tiling.num_v, *k.shape, **f32)
-    dv_ = torch.empty_like(v)
-    dlog_decay = torch.empty(tiling.num_v, batch, heads, **f32)
-    dtheta = torch.empty(tiling.num_v, batch, heads, dk // 2, **f32) if theta is not None else None
+    launch, grads = backward_launch(dout.contiguous(), q, k, v, log_decay, theta, chunk_size, block_v)
     with device_guard(q):
-        _retention_bwd_kernel[(batch * heads, tiling.num_v)](
-            q, k, v, log_decay, theta if theta is not None else log_decay, dout.contiguous(),
-            dq, dk_, dv_, dlog_decay, dtheta if dtheta is not None else dlog_decay,
-            batch, length, heads, dk, dv, tiling.num_chunks, **tiling.meta(theta is not None),
-        )  # fmt: skip
-    if tiling.num_v > 1:
+        launch.run()
+    dq, dk_, dtheta = grads["dq"], grads["dk"], grads["dtheta"]
+    if dq.dim() == 5:  # one fp32 share per value block
         dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
     grad_theta = dtheta.sum((0, 1)).to(theta.dtype) if theta is not None else q.new_empty(0)
-    return dq, dk_, dv_, dlog_decay.sum((0, 1)).to(log_decay.dtype), grad_theta
+    return dq, dk_, grads["dv"], grads["dlog_decay"].sum((0, 1)).to(log_decay.dtype), grad_theta
 
 
 @retention_scan_triton_bwd.register_fake

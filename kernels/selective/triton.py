@@ -5,8 +5,10 @@ mixer reads its inputs once and writes one output.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the Triton interpreter; slow, for tests). Memory kept for backward: the inputs and one
-fp32 state per ``chunk_size`` tokens; everything else is recomputed. ``A``, ``freq`` and ``D`` are
-handed to the kernels in fp32; positions and rotary angles are computed in fp32 inside them.
+fp32 state per ``chunk_size`` tokens; everything else is recomputed. ``A`` and ``D`` are handed to the
+kernels in fp32, and ``B``, ``C`` rotated in fp32 by PyTorch (``published_rotary``) before them.
+``forward_launch`` / ``backward_launch`` build the launches; ``benchmarks/kernel_report.py`` compiles
+the very same ones for GPUs this machine does not have.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 
 import torch
 
+from ..launch import KernelLaunch, LaunchWork
+from ..rotary import published_rotary
 from .naive import mamba_epilogue
 from .triton_kernels import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel
 
@@ -72,14 +76,102 @@ def _check_shapes(u, delta, A, B, C, freq, D, z, group_size) -> None:
 
 
 class _Layout:
-    """How channels are tiled over programs: one norm group per program when the norm is fused."""
+    """How channels are tiled over programs: one norm group per program when the norm is fused. The
+    forward gives each thread every state of two channels (1024 state entries a warp, see the kernels)."""
 
     def __init__(self, channels: int, state: int, group_size: int, block_channels: int) -> None:
         self.channels_per_program = group_size if group_size else min(block_channels, channels)
         self.block_e = _next_power_of_2(self.channels_per_program)
         self.block_n = _next_power_of_2(state)
         self.num_tiles = -(-channels // self.channels_per_program)
-        self.num_warps = 4 if self.block_e * self.block_n <= 2048 else 8
+        self.fwd_warps = max(1, min(8, self.block_e * self.block_n // 1024))
+        self.bwd_warps = 4 if self.block_e * self.block_n <= 2048 else 8
+
+
+LOG2E = 1.4426950408889634
+
+
+def forward_launch(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D,
+    z,
+    group_size: int,
+    chunk_size: int,
+    block_channels: int,
+    fp32_out: bool,
+    store_boundary: bool,
+) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """The forward kernel's launch for these (contiguous; ``A``, ``B``, ``C``, ``D`` fp32) inputs, and the
+    tensors it writes: ``(launch, out, boundary)``. Also what ``benchmarks/kernel_report.py`` compiles."""
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    layout = _Layout(channels, state, group_size, block_channels)
+    num_chunks = -(-length // chunk_size)
+    out = torch.empty(u.shape, dtype=torch.float32 if fp32_out else u.dtype, device=u.device)
+    boundary_shape = (batch, num_chunks, state, channels) if store_boundary else (0,)
+    boundary = torch.empty(boundary_shape, dtype=torch.float32, device=u.device)
+    scaled_A = (A * LOG2E).t().contiguous()  # (state, channels): the decay is exp2(delta * A log2 e)
+    elements = batch * length * channels
+    reads = sum(t.numel() * t.element_size() for t in (u, delta, A, B, C, D, z) if t is not None)
+    bytes_min = reads + out.numel() * out.element_size()
+    launch = KernelLaunch(
+        _selective_scan_fwd_kernel, (batch, layout.num_tiles),
+        dict(u_ptr=u, delta_ptr=delta, A_ptr=scaled_A, B_ptr=B, C_ptr=C,
+             D_ptr=D if D is not None else u, z_ptr=z if z is not None else u, out_ptr=out,
+             boundary_ptr=boundary if store_boundary else out, length=length, channels=channels,
+             num_chunks=num_chunks, channel_stride=1),
+        dict(HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, STORE_BOUNDARY=store_boundary,
+             CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, BLOCK_E=layout.block_e,
+             BLOCK_N=layout.block_n, CHUNK=chunk_size),
+        num_warps=layout.fwd_warps,
+        work=LaunchWork(token_steps=length, exp=elements * state, bytes_min=bytes_min,
+                        bytes_moved=bytes_min + boundary.numel() * 4),
+    )  # fmt: skip
+    return launch, out, boundary
+
+
+def backward_launch(dout, u, delta, A, B, C, D, z, boundary, group_size: int, chunk_size: int,
+                    block_channels: int) -> tuple[KernelLaunch, dict[str, torch.Tensor | None]]:  # fmt: skip
+    """The backward kernel's launch and the tensors it writes (gradients and per-program partials)."""
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    layout = _Layout(channels, state, group_size, block_channels)
+    num_chunks = -(-length // chunk_size)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    grads = dict(
+        du=torch.empty(u.shape, dtype=u.dtype, device=u.device), ddelta=torch.empty_like(delta),
+        dz=torch.empty_like(z) if z is not None else None,
+        dA=torch.empty(batch, channels, state, **f32),
+        dD=torch.empty(batch, channels, **f32) if D is not None else None,
+        dB=torch.empty(batch, length, layout.num_tiles, state, **f32),
+        dC=torch.empty(batch, length, layout.num_tiles, state, **f32),
+    )  # fmt: skip
+    scratch = torch.empty(batch * layout.num_tiles * chunk_size * layout.block_e * layout.block_n, **f32)
+    reads = sum(t.numel() * t.element_size() for t in (dout, u, delta, A, B, C, D, z) if t is not None)
+    writes = sum(t.numel() * t.element_size() for t in grads.values() if t is not None)
+    # the boundary states read back, and the scratch: every recomputed state written and read once
+    extra = boundary.numel() * 4 + 2 * 4 * batch * length * channels * state
+    launch = KernelLaunch(
+        _selective_scan_bwd_kernel, (batch, layout.num_tiles),
+        dict(u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C, D_ptr=D if D is not None else u,
+             z_ptr=z if z is not None else u, dout_ptr=dout, boundary_ptr=boundary, scratch_ptr=scratch,
+             du_ptr=grads["du"], ddelta_ptr=grads["ddelta"],
+             dz_ptr=grads["dz"] if z is not None else grads["du"], dA_ptr=grads["dA"],
+             dD_ptr=grads["dD"] if D is not None else grads["dA"], dB_ptr=grads["dB"], dC_ptr=grads["dC"],
+             length=length, channels=channels, state=state, num_chunks=num_chunks,
+             num_tiles=layout.num_tiles, channel_stride=1),
+        dict(HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size,
+             CHANNELS_PER_PROGRAM=layout.channels_per_program, BLOCK_E=layout.block_e,
+             BLOCK_N=layout.block_n, CHUNK=chunk_size),
+        num_warps=layout.bwd_warps,
+        work=LaunchWork(token_steps=num_chunks * chunk_size, exp=batch * length * channels * state,
+                        bytes_min=reads + writes, bytes_moved=reads + writes + extra),
+    )  # fmt: skip
+    return launch, grads
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -95,7 +187,7 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 # objects, ``tl`` dtype constexprs and the kernels' pointer-mutation analysis. An opaque ``custom_op``
 # with an explicit fake implementation runs the same Python launcher in eager mode, compiled graphs and
 # the Triton interpreter on CPU alike, so the ops can be ``opcheck``ed without a GPU. The backward is a
-# second op. ``position_scale = 1 / rope_scale``; absent optional gradients come back as empty tensors.
+# second op. Absent optional gradients come back as empty tensors.
 
 
 @torch.library.custom_op("defocus::selective_scan_triton_fwd", mutates_args=())
@@ -105,10 +197,8 @@ def selective_scan_triton_fwd(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    freq: torch.Tensor | None,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
-    position_scale: float,
     group_size: int,
     chunk_size: int,
     block_channels: int,
@@ -117,35 +207,21 @@ def selective_scan_triton_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, boundary)``: the output in ``u``'s dtype (fp32 if ``fp32_out``) and, when
     ``store_boundary``, the fp32 state at the end of every chunk (else an empty tensor)."""
-    batch, length, channels = u.shape
-    state = A.shape[1]
-    layout = _Layout(channels, state, group_size, block_channels)
-    num_chunks = -(-length // chunk_size)
-    out = torch.empty(u.shape, dtype=torch.float32 if fp32_out else u.dtype, device=u.device)
-    boundary_shape = (batch, num_chunks, channels, state) if store_boundary else (0,)
-    boundary = torch.empty(boundary_shape, dtype=torch.float32, device=u.device)
+    launch, out, boundary = forward_launch(u, delta, A, B, C, D, z, group_size, chunk_size, block_channels,
+                                           fp32_out, store_boundary)  # fmt: skip
     if store_boundary:  # the kernel skips the last chunk's end state (never read back): define it
         boundary[:, -1].zero_()
     with device_guard(u):
-        _selective_scan_fwd_kernel[(batch, layout.num_tiles)](
-            u, delta, A, B, C,
-            freq if freq is not None else u, D if D is not None else u, z if z is not None else u,
-            out, boundary if store_boundary else out,
-            length, channels, state, position_scale, num_chunks,
-            HAS_FREQ=freq is not None, HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size,
-            STORE_BOUNDARY=store_boundary, CHANNELS_PER_PROGRAM=layout.channels_per_program,
-            BLOCK_E=layout.block_e, BLOCK_N=layout.block_n, CHUNK=chunk_size, num_warps=layout.num_warps,
-        )  # fmt: skip
+        launch.run()
     return out, boundary
 
 
 @selective_scan_triton_fwd.register_fake
-def _(u, delta, A, B, C, freq, D, z, position_scale, group_size, chunk_size, block_channels, fp32_out,
-      store_boundary):  # fmt: skip
+def _(u, delta, A, B, C, D, z, group_size, chunk_size, block_channels, fp32_out, store_boundary):
     batch, length, channels = u.shape
     num_chunks = -(-length // chunk_size)
     out = u.new_empty(u.shape, dtype=torch.float32 if fp32_out else u.dtype)
-    boundary_shape = (batch, num_chunks, channels, A.shape[1]) if store_boundary else (0,)
+    boundary_shape = (batch, num_chunks, A.shape[1], channels) if store_boundary else (0,)
     return out, u.new_empty(boundary_shape, dtype=torch.float32)
 
 
@@ -157,79 +233,55 @@ def selective_scan_triton_bwd(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    freq: torch.Tensor | None,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
     boundary: torch.Tensor,
-    position_scale: float,
     group_size: int,
     chunk_size: int,
     block_channels: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:  # fmt: skip
-    """``(du, ddelta, dA, dB, dC, dfreq, dD, dz)``, each in its input's dtype (empty when absent)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(du, ddelta, dA, dB, dC, dD, dz)``, each in its input's dtype (empty when absent)."""
     batch, length, channels = u.shape
-    state = A.shape[1]
-    layout = _Layout(channels, state, group_size, block_channels)
     num_chunks = -(-length // chunk_size)
-    if boundary.shape != (batch, num_chunks, channels, state):
+    if boundary.shape != (batch, num_chunks, A.shape[1], channels):
         raise RuntimeError("the forward did not keep its chunk states (it ran without gradients)")
-    f32 = dict(dtype=torch.float32, device=u.device)
-    du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dA_partial = torch.empty(batch, channels, state, **f32)
-    dD_partial = torch.empty(batch, channels, **f32) if D is not None else None
-    dB_partial = torch.empty(batch, length, layout.num_tiles, state, **f32)
-    dC_partial = torch.empty(batch, length, layout.num_tiles, state, **f32)
-    dfreq_partial = torch.empty(batch, layout.num_tiles, state, **f32) if freq is not None else None
-    scratch = torch.empty(batch * layout.num_tiles * chunk_size * layout.block_e * layout.block_n, **f32)
+    launch, grads = backward_launch(dout.contiguous(), u, delta, A, B, C, D, z, boundary, group_size,
+                                    chunk_size, block_channels)  # fmt: skip
     with device_guard(u):
-        _selective_scan_bwd_kernel[(batch, layout.num_tiles)](
-            u, delta, A, B, C,
-            freq if freq is not None else u, D if D is not None else u, z if z is not None else u,
-            dout.contiguous(), boundary, scratch,
-            du, ddelta, dz if dz is not None else du, dA_partial,
-            dD_partial if dD_partial is not None else dA_partial, dB_partial, dC_partial,
-            dfreq_partial if dfreq_partial is not None else dA_partial,
-            length, channels, state, position_scale, num_chunks, layout.num_tiles,
-            HAS_FREQ=freq is not None, HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size,
-            CHANNELS_PER_PROGRAM=layout.channels_per_program,
-            BLOCK_E=layout.block_e, BLOCK_N=layout.block_n, CHUNK=chunk_size, num_warps=layout.num_warps,
-        )  # fmt: skip
+        launch.run()
     none = u.new_empty(0)
     return (
-        du,
-        ddelta,
-        dA_partial.sum(0).to(A.dtype),
-        dB_partial.sum(2).to(B.dtype),
-        dC_partial.sum(2).to(C.dtype),
-        dfreq_partial.sum((0, 1)).to(freq.dtype) if freq is not None else none,
-        dD_partial.sum(0).to(D.dtype) if D is not None else none.clone(),
-        dz if dz is not None else none.clone(),
+        grads["du"],
+        grads["ddelta"],
+        grads["dA"].sum(0).to(A.dtype),
+        grads["dB"].sum(2).to(B.dtype),
+        grads["dC"].sum(2).to(C.dtype),
+        grads["dD"].sum(0).to(D.dtype) if D is not None else none.clone(),
+        grads["dz"] if z is not None else none.clone(),
     )
 
 
 @selective_scan_triton_bwd.register_fake
-def _(dout, u, delta, A, B, C, freq, D, z, boundary, position_scale, group_size, chunk_size, block_channels):
+def _(dout, u, delta, A, B, C, D, z, boundary, group_size, chunk_size, block_channels):
     def like(t):
         return t.new_empty(t.shape) if t is not None else u.new_empty(0)
 
-    return like(u), like(delta), like(A), like(B), like(C), like(freq), like(D), like(z)
+    return like(u), like(delta), like(A), like(B), like(C), like(D), like(z)
 
 
 def _triton_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, freq, D, z, position_scale, group_size, chunk_size, block_channels, _, _ = inputs
+    u, delta, A, B, C, D, z, group_size, chunk_size, block_channels, _, _ = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(u, delta, A, B, C, freq, D, z, output[1])
-    ctx.config = (position_scale, group_size, chunk_size, block_channels)
-    ctx.present = (freq is not None, D is not None, z is not None)
+    ctx.save_for_backward(u, delta, A, B, C, D, z, output[1])
+    ctx.config = (group_size, chunk_size, block_channels)
+    ctx.present = (D is not None, z is not None)
 
 
 def _triton_backward(ctx, dout, _dboundary):
-    u, delta, A, B, C, freq, D, z, boundary = ctx.saved_tensors
-    grads = selective_scan_triton_bwd(dout, u, delta, A, B, C, freq, D, z, boundary, *ctx.config)
+    u, delta, A, B, C, D, z, boundary = ctx.saved_tensors
+    grads = selective_scan_triton_bwd(dout, u, delta, A, B, C, D, z, boundary, *ctx.config)
     optional = [g if present else None for g, present in zip(grads[5:], ctx.present, strict=True)]
-    return (*grads[:5], *optional, None, None, None, None, None, None)
+    return (*grads[:5], *optional, None, None, None, None, None)
 
 
 selective_scan_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
@@ -248,7 +300,7 @@ def selective_scan_triton(
     group_size: int = 0,
     *,
     chunk_size: int = 32,
-    block_channels: int = 32,
+    block_channels: int = 64,
 ) -> torch.Tensor:
     """Same contract as ``selective_scan_naive``, on Triton; differentiable in every tensor argument.
 
@@ -261,19 +313,23 @@ def selective_scan_triton(
     _check_shapes(u, delta, A, B, C, freq, D, z, group_size)
     if chunk_size < 1 or block_channels < 1:
         raise ValueError(f"chunk_size and block_channels must be >= 1, got {chunk_size}, {block_channels}")
-    # the SSM scalars enter the kernels in fp32 whatever their dtype; converted here, outside the op, so
-    # autograd hands their gradients back in the caller's dtype
-    A, freq, D = (t.float() if t is not None else None for t in (A, freq, D))
-    tensors = dict(u=u, delta=delta, A=A, B=B, C=C, freq=freq, D=D, z=z)
-    u, delta, A, B, C, freq, D, z = (t.contiguous() if t is not None else None for t in tensors.values())
+    # The SSM scalars enter the kernels in fp32 whatever their dtype, and B, C rotated (the released
+    # rotary, in fp32): both done here, outside the op, in autograd, so that the gradients reach freq and
+    # come back in the callers' dtypes.
+    A, D = (t.float() if t is not None else None for t in (A, D))
+    B, C = B.float(), C.float()
+    if freq is not None:
+        B, C = published_rotary(B, freq, rope_scale), published_rotary(C, freq, rope_scale)
+    tensors = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z)
+    u, delta, A, B, C, D, z = (t.contiguous() if t is not None else None for t in tensors.values())
     store_boundary = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, freq, D, z)
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z)
     )
-    config = (1.0 / rope_scale, group_size, chunk_size, block_channels)
     if group_size <= MAX_FUSED_GROUP:
-        return selective_scan_triton_fwd(u, delta, A, B, C, freq, D, z, *config, False, store_boundary)[0]
+        config = (group_size, chunk_size, block_channels)
+        return selective_scan_triton_fwd(u, delta, A, B, C, D, z, *config, False, store_boundary)[0]
     # wide groups: the kernel's raw scan in fp32, then the epilogue in PyTorch (fp32, autograd)
-    config = (1.0 / rope_scale, 0, chunk_size, block_channels)
-    y = selective_scan_triton_fwd(u, delta, A, B, C, freq, None, None, *config, True, store_boundary)[0]
+    config = (0, chunk_size, block_channels)
+    y = selective_scan_triton_fwd(u, delta, A, B, C, None, None, *config, True, store_boundary)[0]
     as_f32 = [t.float() if t is not None else None for t in (u, D, z)]
     return mamba_epilogue(y, as_f32[0], as_f32[1], as_f32[2], group_size).to(u.dtype)

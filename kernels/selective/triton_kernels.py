@@ -1,23 +1,26 @@
 """Triton kernels of the selective bandpass scan and its fused epilogue (forward and backward).
 
-One program owns one batch row and one tile of channels (one group of the group RMS norm when the
-norm is fused) with all ``state`` dimensions, and walks the sequence token by token keeping the state
-``(channels, state)`` in fp32 registers. The released rotary is evaluated in the kernel from ``freq``:
-``B'[n] = B[n] cos(p f_n) + sign_n B[n ^ 1] sin(p f_n)`` with ``sign = -1`` on even ``n`` (the
-release's quirk: every dimension has its own angle).
+``B`` and ``C`` arrive already rotated (the launcher applies the released rotary in PyTorch, in fp32: they
+are ``(batch, length, state)``, a few MB, and rotating them inside the loop cost every thread a sin and a
+cos per token and state).
+
+Forward: one program of one warp owns one batch row and one tile of channels (one group of the group RMS
+norm when it is fused) with all ``state`` dimensions, and walks the sequence token by token. The state is
+held as ``(state, channels)`` so that each thread keeps every state of its channels in registers: the
+read-out ``sum_n s C`` is in-thread arithmetic and the group norm's sum over channels stays inside the
+warp (shuffles, no barrier). ``A`` arrives transposed and scaled by ``log2(e)``, so the decay is one
+``exp2`` of ``delta * A``.
 
 Backward without stored states: the forward writes the state at the end of every ``CHUNK`` tokens;
 the backward walks the chunks last to first, recomputes a chunk's states from its boundary into a
-per-program scratch (small enough to stay in L2 on a GPU) and runs the adjoint recurrence
-``g_t = C'_t dy_t + exp(delta_{t+1} A) g_{t+1}`` back through the chunk. Gradients that reduce over
-channels (``B``, ``C``, ``freq``) or over tokens (``A``, ``D``) are written as per-program partial sums
-and reduced by the caller, which keeps the kernels deterministic (no atomics).
+per-program scratch and runs the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
+back through the chunk. Gradients that reduce over channels (``B``, ``C``) or over tokens (``A``,
+``D``) are written as per-program partial sums and reduced by the caller, which keeps the kernels
+deterministic (no atomics). Tokens past the end of the sequence load as ``u = delta = 0``, which makes
+a step the identity (decay 1, no input), so chunks need no special tail handling.
 
-Tokens past the end of the sequence load as ``u = delta = 0``, which makes a step the identity
-(decay 1, no input), so chunks need no special tail handling.
-
-Precision: every input is loaded and converted to fp32; positions (``t * position_scale``, an int32
-token index times an fp32 scale: exact integers far past any length) and rotary angles are fp32.
+Precision: every input is loaded and converted to fp32; the state, the epilogue and every gradient are
+computed in fp32.
 """
 
 from __future__ import annotations
@@ -28,78 +31,72 @@ import triton.language as tl
 NORM_EPS: tl.constexpr = tl.constexpr(1e-6)
 
 
-@triton.jit
-def _rotated(ptr, row_offset, offs_n, partner, sign, mask_n, cos, sin, HAS_FREQ: tl.constexpr):
-    """``B'`` (or ``C'``) of one token in fp32, and the raw vector (needed by the backward)."""
-    raw = tl.load(ptr + row_offset + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_FREQ:
-        raw_partner = tl.load(ptr + row_offset + partner, mask=mask_n, other=0.0).to(tl.float32)
-        return raw * cos + sign * raw_partner * sin, raw, raw_partner
-    return raw, raw, raw
-
-
-@triton.jit
+# ``channel_stride`` (always 1) stays a runtime value: known to be 1, Triton would lay every tensor out
+# for vectorised loads along the channels (several channels a thread, a state split over threads), and
+# convert layouts (shuffles, barriers) in every token step.
+@triton.jit(do_not_specialize=["channel_stride"])
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, freq_ptr, D_ptr, z_ptr, out_ptr, boundary_ptr,
-    length, channels, state, position_scale, num_chunks,
-    HAS_FREQ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    STORE_BOUNDARY: tl.constexpr, CHANNELS_PER_PROGRAM: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr, boundary_ptr,
+    length, channels, num_chunks, channel_stride,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, STORE_BOUNDARY: tl.constexpr,
+    CHANNELS_PER_PROGRAM: tl.constexpr, STATE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):  # fmt: skip
-    batch_index = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch * length * channels is large
+    batch_index = tl.program_id(0)
     tile = tl.program_id(1)
     local_e = tl.arange(0, BLOCK_E)
-    offs_e = tile * CHANNELS_PER_PROGRAM + local_e
-    mask_e = (local_e < CHANNELS_PER_PROGRAM) & (offs_e < channels)
+    channel = tile * CHANNELS_PER_PROGRAM + local_e
+    mask_e = (local_e < CHANNELS_PER_PROGRAM) & (channel < channels)
+    offs_e = channel * channel_stride
     offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < state
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + offs_e[:, None] * state + offs_n[None, :], mask=mask_en, other=0.0).to(tl.float32)
-    partner = offs_n ^ 1
-    sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
-    freq = tl.zeros((BLOCK_N,), tl.float32)
-    if HAS_FREQ:
-        freq = tl.load(freq_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    mask_n = offs_n < STATE
+    mask_ne = mask_n[:, None] & mask_e[None, :]
+    A = tl.load(A_ptr + offs_n[:, None] * channels + offs_e[None, :], mask=mask_ne, other=0.0)
     D = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
-        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-
-    s = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)
+    sequence = batch_index.to(tl.int64) * length  # 64-bit: batch * length * channels is large
+    u_row, delta_row = u_ptr + sequence * channels + offs_e, delta_ptr + sequence * channels + offs_e
+    z_row, out_row = z_ptr + sequence * channels + offs_e, out_ptr + sequence * channels + offs_e
+    B_row, C_row = B_ptr + sequence * STATE + offs_n, C_ptr + sequence * STATE + offs_n
+    # chunk states as (state, channels): stored as held, coalesced along the channels
+    boundary = boundary_ptr + batch_index.to(tl.int64) * num_chunks * STATE * channels
+    s = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
     for chunk in range(num_chunks):
-        for step in range(CHUNK):
-            t = chunk * CHUNK + step
-            live = t < length
-            row = batch_index * length + t
-            mask_te = mask_e & live
-            u = tl.load(u_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
-            delta = tl.load(delta_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
-            angle = (t * position_scale) * freq
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            b, _, _ = _rotated(B_ptr, row * state, offs_n, partner, sign, mask_n & live, cos, sin, HAS_FREQ)
-            c, _, _ = _rotated(C_ptr, row * state, offs_n, partner, sign, mask_n & live, cos, sin, HAS_FREQ)
-            s = tl.exp(delta[:, None] * A) * s + (delta * u)[:, None] * b[None, :]
-            y = tl.sum(s * c[None, :], axis=1)
+        for _token in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, length)):
+            u = tl.load(u_row, mask=mask_e, other=0.0).to(tl.float32)
+            delta = tl.load(delta_row, mask=mask_e, other=0.0).to(tl.float32)
+            b = tl.load(B_row, mask=mask_n, other=0.0)
+            c = tl.load(C_row, mask=mask_n, other=0.0)
+            s = tl.exp2(delta[None, :] * A) * s + b[:, None] * (delta * u)[None, :]
+            y = tl.sum(s * c[:, None], axis=0)
             if GROUP_SIZE > 0:
                 y = y * tl.rsqrt(tl.sum(y * y, axis=0) / GROUP_SIZE + NORM_EPS)
             if HAS_D:
                 y += u * D
             if HAS_Z:
-                z = tl.load(z_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
+                z = tl.load(z_row, mask=mask_e, other=0.0).to(tl.float32)
                 y = y * z * tl.sigmoid(z)
-            tl.store(out_ptr + row * channels + offs_e, y.to(out_ptr.dtype.element_ty), mask=mask_te)
-        if STORE_BOUNDARY:
-            boundary = boundary_ptr + ((batch_index * num_chunks + chunk) * channels) * state
-            # the last chunk's end state is never read back
-            tl.store(boundary + offs_e[:, None] * state + offs_n[None, :], s,
-                     mask=mask_en & (chunk < num_chunks - 1))  # fmt: skip
+            tl.store(out_row, y.to(out_ptr.dtype.element_ty), mask=mask_e)
+            u_row += channels
+            delta_row += channels
+            z_row += channels
+            out_row += channels
+            B_row += STATE
+            C_row += STATE
+        if STORE_BOUNDARY:  # the state at the end of the chunk; the last one is never read back
+            offsets = chunk * STATE * channels + offs_n[:, None] * channels + offs_e[None, :]
+            tl.store(boundary + offsets, s, mask=mask_ne & (chunk < num_chunks - 1))
 
 
-@triton.jit
+# ``channel_stride`` (always 1): see the forward; here it keeps the (state, channels) boundary load from
+# imposing its layout on the (channels, state) state.
+@triton.jit(do_not_specialize=["channel_stride"])
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, freq_ptr, D_ptr, z_ptr, dout_ptr, boundary_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, dfreq_ptr,
-    length, channels, state, position_scale, num_chunks, num_tiles,
-    HAS_FREQ: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, boundary_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
+    length, channels, state, num_chunks, num_tiles, channel_stride,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr,
     CHANNELS_PER_PROGRAM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     batch_index = tl.program_id(0).to(tl.int64)  # 64-bit offsets: batch * length * channels is large
@@ -111,13 +108,6 @@ def _selective_scan_bwd_kernel(
     mask_n = offs_n < state
     mask_en = mask_e[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + offs_e[:, None] * state + offs_n[None, :], mask=mask_en, other=0.0).to(tl.float32)
-    partner = offs_n ^ 1
-    sign = tl.where(offs_n % 2 == 0, -1.0, 1.0)
-    # swaps neighbouring entries of a (BLOCK_N,) vector: v[n ^ 1] = sum_m swap[n, m] v[m]
-    swap = partner[:, None] == offs_n[None, :]
-    freq = tl.zeros((BLOCK_N,), tl.float32)
-    if HAS_FREQ:
-        freq = tl.load(freq_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     D = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
@@ -127,13 +117,13 @@ def _selective_scan_bwd_kernel(
     grad_carry = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # exp(delta_{t+1} A) g_{t+1}
     dA = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
     dD = tl.zeros((BLOCK_E,), tl.float32)
-    dfreq = tl.zeros((BLOCK_N,), tl.float32)
     for reverse_chunk in range(num_chunks):
         chunk = num_chunks - 1 - reverse_chunk
         # 1. recompute the chunk's states from the state that entered it
         boundary = boundary_ptr + ((batch_index * num_chunks + tl.maximum(chunk - 1, 0)) * channels) * state
         s = tl.load(
-            boundary + offs_e[:, None] * state + offs_n[None, :], mask=mask_en & (chunk > 0), other=0.0
+            boundary + offs_n[None, :] * channels + offs_e[:, None] * channel_stride,
+            mask=mask_en & (chunk > 0), other=0.0,
         )
         for step in range(CHUNK):
             t = chunk * CHUNK + step
@@ -142,18 +132,7 @@ def _selective_scan_bwd_kernel(
             mask_te = mask_e & live
             u = tl.load(u_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
             delta = tl.load(delta_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
-            angle = (t * position_scale) * freq
-            b, _, _ = _rotated(
-                B_ptr,
-                row * state,
-                offs_n,
-                partner,
-                sign,
-                mask_n & live,
-                tl.cos(angle),
-                tl.sin(angle),
-                HAS_FREQ,
-            )
+            b = tl.load(B_ptr + row * state + offs_n, mask=mask_n & live, other=0.0)
             s = tl.exp(delta[:, None] * A) * s + (delta * u)[:, None] * b[None, :]
             tl.store(scratch + step * (BLOCK_E * BLOCK_N) + scratch_offsets, s)
         tl.debug_barrier()
@@ -168,13 +147,8 @@ def _selective_scan_bwd_kernel(
             u = tl.load(u_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
             delta = tl.load(delta_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + row * channels + offs_e, mask=mask_te, other=0.0).to(tl.float32)
-            position = t * position_scale
-            angle = position * freq
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            b, b_raw, b_partner = _rotated(B_ptr, row * state, offs_n, partner, sign, mask_n & live, cos, sin,
-                                           HAS_FREQ)  # fmt: skip
-            c, c_raw, c_partner = _rotated(C_ptr, row * state, offs_n, partner, sign, mask_n & live, cos, sin,
-                                           HAS_FREQ)  # fmt: skip
+            b = tl.load(B_ptr + row * state + offs_n, mask=mask_n & live, other=0.0)
+            c = tl.load(C_ptr + row * state + offs_n, mask=mask_n & live, other=0.0)
 
             # epilogue backward: out = (norm(y) + D u) * silu(z)
             y = tl.sum(s * c[None, :], axis=1)
@@ -217,19 +191,9 @@ def _selective_scan_bwd_kernel(
             )
             grad_carry = tl.exp(delta[:, None] * A) * g
 
-            # this tile's share of d loss / d B'_t and d C'_t, then through the rotary
+            # this tile's share of d loss / d B_t and d C_t
             db = tl.sum(g * delta_u[:, None], axis=0)
             dc = tl.sum(dy[:, None] * s, axis=0)
-            if HAS_FREQ:
-                # B'[m] uses B[n] for m = n ^ 1 with sign_m sin(p f_m) = -sign_n sin(p f_m)
-                sin_partner = tl.sum(tl.where(swap, sin[None, :], 0.0), axis=1)
-                db_partner = tl.sum(tl.where(swap, db[None, :], 0.0), axis=1)
-                dc_partner = tl.sum(tl.where(swap, dc[None, :], 0.0), axis=1)
-                dfreq += position * (
-                    db * (sign * b_partner * cos - b_raw * sin) + dc * (sign * c_partner * cos - c_raw * sin)
-                )
-                db = db * cos - sign * db_partner * sin_partner
-                dc = dc * cos - sign * dc_partner * sin_partner
             partial_row = (row * num_tiles + tile) * state
             tl.store(dB_ptr + partial_row + offs_n, db, mask=mask_n & live)
             tl.store(dC_ptr + partial_row + offs_n, dc, mask=mask_n & live)
@@ -239,5 +203,3 @@ def _selective_scan_bwd_kernel(
     tl.store(dA_ptr + (partial + offs_e[:, None]) * state + offs_n[None, :], dA, mask=mask_en)
     if HAS_D:
         tl.store(dD_ptr + partial + offs_e, dD, mask=mask_e)
-    if HAS_FREQ:
-        tl.store(dfreq_ptr + (batch_index * num_tiles + tile) * state + offs_n, dfreq, mask=mask_n)

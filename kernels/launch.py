@@ -1,0 +1,93 @@
+"""One kernel launch as data: what the launchers run and what the kernel report compiles.
+
+A launcher builds a :class:`KernelLaunch` (kernel, grid, arguments, compile-time constants, warps) and
+runs it; ``benchmarks/kernel_report.py`` builds the same object from meta tensors of the production
+shapes and compiles it ahead of time for a GPU it does not have (``defocus_scale.kernels.aot``). One
+code path chooses the tiling, so the report cannot drift from what runs.
+
+``work`` is the launcher's account of the work the launch does, for the report's estimate: the
+trip count of the token loops per program, the exponentials it must evaluate, and the bytes it must
+move at least (every input read once, every output written once) and does move (with scratch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+                  torch.int64: "i64"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LaunchWork:
+    """What one launch has to do. ``token_steps``: iterations of each token loop per program (every token
+    loop of a kernel runs that many times); ``exp``: exponentials the maths needs (the SFU floor)."""
+
+    token_steps: int
+    exp: int
+    bytes_min: int
+    bytes_moved: int
+
+
+@dataclass
+class KernelLaunch:
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # runtime arguments by name: tensors, ints, floats
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int = 1
+    work: LaunchWork | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def programs(self) -> int:
+        total = 1
+        for g in self.grid:
+            total *= g
+        return total
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
+                               num_stages=self.num_stages)  # fmt: skip
+
+    def signature(self) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], list]]:
+        """Triton's ahead-of-time ``(signature, constexprs, attrs)``, specialised as the JIT would at this
+        launch: pointers and integers divisible by 16 are marked so, integers equal to 1 become constants
+        (except the kernel's ``do_not_specialize`` arguments).
+        Tensors from ``torch.empty`` are 16-byte aligned, which the meta tensors of the report stand for."""
+        names = self.kernel.arg_names
+        unspecialised = {p.name for p in self.kernel.params if p.do_not_specialize}
+        signature: dict[str, str] = {}
+        constexprs = dict(self.constexprs)
+        attrs: dict[tuple[int, ...], list] = {}
+        for index, name in enumerate(names):
+            if name in self.constexprs:
+                signature[name] = "constexpr"
+                continue
+            value = self.args[name]
+            if isinstance(value, torch.Tensor):
+                signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+                if value.is_meta or value.data_ptr() % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, bool) or value is None:
+                raise TypeError(f"argument {name}={value!r}: pass flags as constexprs")
+            elif isinstance(value, int):
+                if name in unspecialised:
+                    signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                    continue
+                if value == 1:
+                    signature[name] = "constexpr"
+                    constexprs[name] = 1
+                    continue
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                raise TypeError(f"argument {name}: unsupported type {type(value).__name__}")
+        return signature, constexprs, attrs

@@ -1,0 +1,139 @@
+"""The kernels compile for real GPUs (sm_80, sm_90) without one, fit the arch's shared memory and do not
+spill; the kernel report's SASS reading and estimate behave as their docstrings say.
+
+Ahead-of-time compilation needs no device: Triton targets any ``GPUTarget`` and its wheel ships
+``ptxas`` and ``cuobjdump``. This runs in the parent session (the interpreter is irrelevant here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defocus_scale.kernels import aot
+from defocus_scale.kernels.launch import KernelLaunch, LaunchWork
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="compiles for GPUs; the interpreter run has no use for it",
+)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_fits_and_does_not_spill(tmp_path):
+    """One production configuration of each kernel (De-focus Mamba-B / RetNet-B mixers, 197 tokens,
+    bf16 training inputs), forward and backward, through the report script itself."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernel_report.py"), "--smoke",
+         "--archs", "sm_80", "sm_90", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.loads(out.read_text())
+    seen = {(r["kernel"], r["direction"], r["arch"]) for r in records}
+    expected = {
+        (k, d, a) for k in ("selective_scan", "retention") for d in ("fwd", "bwd") for a in ("sm_80", "sm_90")
+    }
+    assert seen == expected, seen ^ expected
+    for r in records:
+        where = f"{r['kernel']} {r['direction']} {r['arch']} {r['config']}"
+        assert r["launchable"], f"{where}: {r['why_not']}"
+        assert r["shared_bytes"] <= aot.ARCHS[r["arch"]].smem_per_block, where
+        assert r["spill_bytes"] == 0, f"{where}: spills {r['spill_bytes']} B"
+        assert r["loops"], f"{where}: no token loop found in the SASS"
+        for key in ("registers", "est_ms", "floor_ms"):
+            assert r[key] > 0, (where, key)
+        assert r["est_ms"] >= r["floor_ms"] * 0.999, where  # an estimate below the floor is a bug
+        assert r["measured"] is False and r["compiled_with"]["triton"], where
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   MUFU.EX2 R3, R2 ;
+        /*0030*/                   FFMA R5, R3, R5, R6 ;
+        /*0040*/               @P0 BRA 0x60 ;
+        /*0050*/                   BRA 0x40 ;
+        /*0060*/                   STG.E desc[UR4][R8.64], R5 ;
+        /*0070*/               @P1 BRA 0x10 ;
+        /*0080*/                   MUFU.EX2 R7, R5 ;
+        /*0090*/               @P2 BRA 0x80 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_token_loops_are_the_innermost_loops_that_store():
+    """A loop that stores (0x10-0x70) is a token loop, with the small loop nested in it (0x40-0x50, a
+    slow path without stores) excluded from its count; a loop that stores nothing (0x80-0x90) is not."""
+    instructions = aot.parse_sass(SASS)
+    assert [op for _, op, _ in instructions][:3] == ["MOV", "LDG.E", "MUFU.EX2"]
+    loops = aot.token_loops(instructions)
+    assert loops == [(0x10, 0x70)]
+    profile = aot._loop_profile(instructions, 0x10, 0x70, [(0x40, 0x50)])
+    assert profile["instructions"] == 5 and profile["mufu"] == 1 and profile["global_loads"] == 1
+    assert profile["global_stores"] == 1
+
+
+def _binary(**overrides) -> aot.Binary:
+    values = dict(
+        arch="sm_90", registers=64, spill_bytes=0, local_bytes=0, shared_bytes=0, num_warps=1,
+        loops=[{"instructions": 100, "mufu": 32}], other_instructions=0, ctas_per_sm=16,
+        occupancy_limit="registers", launchable=True, why_not="",
+    )  # fmt: skip
+    return aot.Binary(**{**values, **overrides})
+
+
+def _launch(programs: int, steps: int = 100) -> KernelLaunch:
+    work = LaunchWork(token_steps=steps, exp=programs * steps * 32 * 32, bytes_min=1, bytes_moved=1)
+    return KernelLaunch(kernel=None, grid=(programs,), args={}, constexprs={}, num_warps=1, work=work)
+
+
+def test_estimate_follows_its_stated_model():
+    """Issue-bound: 132 SMs x 16 resident one-warp programs = one full wave, 4 warps per scheduler, 100
+    instructions an iteration -> max(4 x 100, 100 + 600) = 700 cycles; at 8 warps per scheduler -> 800.
+    The SFU floor: every exponential of the work on 16 lanes per SM per clock."""
+    spec = aot.ARCHS["sm_90"]
+    cycles_per_ms = spec.clock_ghz * 1e6
+    one_wave = aot.estimate(_binary(), _launch(132 * 16))
+    assert one_wave["issue_ms"] == pytest.approx(100 * 700 / cycles_per_ms)
+    busy = aot.estimate(_binary(ctas_per_sm=32), _launch(132 * 32))
+    assert busy["issue_ms"] == pytest.approx(100 * 800 / cycles_per_ms)
+    # two waves cost twice one
+    assert aot.estimate(_binary(), _launch(2 * 132 * 16))["issue_ms"] == pytest.approx(
+        2 * one_wave["issue_ms"]
+    )
+    exps = 132 * 16 * 100 * 32 * 32
+    assert one_wave["sfu_floor_ms"] == pytest.approx(exps / (132 * 16) / cycles_per_ms)
+    assert one_wave["est_ms"] == max(one_wave["issue_ms"], one_wave["sfu_ms"], one_wave["memory_ms"])
+
+
+def test_launch_signature_specialises_as_the_jit_does():
+    """The report compiles the launcher's own launch: tensors become typed pointers, integers divisible
+    by 16 are marked so, an integer equal to 1 becomes a constant unless the kernel says not to."""
+    import torch
+
+    from defocus_scale.kernels.selective import triton as selective
+
+    act = torch.empty(2, 197, 128, dtype=torch.bfloat16, device="meta")
+    f32 = dict(device="meta")
+    A, D = torch.empty(128, 16, **f32), torch.empty(128, **f32)
+    B = torch.empty(2, 197, 16, **f32)
+    delta = act.float()
+    launch, out, boundary = selective.forward_launch(act, delta, A, B, B, D, act, 64, 32, 64, False, True)
+    signature, constexprs, attrs = launch.signature()
+    assert signature["u_ptr"] == "*bf16" and signature["out_ptr"] == "*bf16"
+    assert signature["delta_ptr"] == "*fp32" and signature["A_ptr"] == "*fp32"
+    assert signature["length"] == "i32" and signature["channel_stride"] == "i32"  # do_not_specialize, = 1
+    assert constexprs["GROUP_SIZE"] == 64 and constexprs["STATE"] == 16
+    channels = launch.kernel.arg_names.index("channels")
+    assert attrs[(channels,)] == [["tt.divisibility", 16]]  # 128
+    assert (launch.kernel.arg_names.index("length"),) not in attrs  # 197
+    assert launch.grid == (2, 2) and launch.num_warps == 1
+    assert boundary.shape == (2, 7, 16, 128) and out.dtype == torch.bfloat16
