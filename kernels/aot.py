@@ -132,11 +132,35 @@ def token_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int
     )  # fmt: skip
 
 
+_REGISTER = re.compile(r"\bR(\d+)\b")
+
+
+def _loads_used_in_their_iteration(body: list[tuple[int, str, str]]) -> int:
+    """Global loads whose value the same iteration reads (a load one iteration ahead, read only after
+    the back-edge, is not counted): register numbers of the destination, widened by ``.64``/``.128``."""
+    used = 0
+    for index, (_, opcode, operands) in enumerate(body):
+        if not opcode.startswith("LDG"):
+            continue
+        first = _REGISTER.search(operands.split(",")[0])
+        if not first:
+            continue
+        width = 4 if ".128" in opcode else 2 if ".64" in opcode else 1
+        loaded = {int(first.group(1)) + i for i in range(width)}
+        for _, later_op, later in body[index + 1 :]:
+            sources = later if later_op.startswith("ST") else ",".join(later.split(",")[1:])
+            if loaded & {int(r) for r in _REGISTER.findall(sources)}:
+                used += 1
+                break
+    return used
+
+
 def _loop_profile(instructions, lo: int, hi: int, nested: list[tuple[int, int]]) -> dict:
     def counted(address: int) -> bool:
         return lo <= address <= hi and not any(n[0] <= address <= n[1] for n in nested)
 
-    body = [(a, op) for a, op, _ in instructions if counted(a)]
+    full = [(a, op, operands) for a, op, operands in instructions if counted(a)]
+    body = [(a, op) for a, op, _ in full]
 
     def count(*prefixes: str) -> int:
         return sum(op.startswith(prefixes) for _, op in body)
@@ -152,6 +176,7 @@ def _loop_profile(instructions, lo: int, hi: int, nested: list[tuple[int, int]])
         "shuffles": count("SHFL"),
         "fp32_math": count("FFMA", "FMUL", "FADD", "FMNMX"),
         "mma": count("HMMA", "HGMMA", "IMMA"),
+        "loads_used_in_iteration": _loads_used_in_their_iteration(full),
     }
 
 
@@ -223,11 +248,13 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
     The model: an SM issues ``schedulers`` warp instructions per clock; its resident warps share them.
     A token loop's iteration takes, per wave of resident programs, the larger of (a) the instructions of
     the warps sharing a scheduler and (b) one warp's own instructions plus one dependent DRAM load
-    (``mem_latency_cycles``: the latency bound when too few warps hide it). Programs run in waves of
-    ``ctas_per_sm`` per SM. Independently, the SFU pipe (MUFU instructions from the SASS) and HBM
-    (``work.bytes_moved``) bound the launch; the estimate is the largest of the three. The floors are what
-    any kernel must pay: the exponentials of the maths on the SFU, and every input read and every output
-    written once over HBM (``work.bytes_min``)."""
+    (``mem_latency_cycles``: the latency bound when too few warps hide it), or only the DRAM latency
+    when no load in the loop is read in its own iteration (loads a token ahead overlap the step).
+    Programs run in waves of ``ctas_per_sm`` per SM. Independently, the SFU pipe (MUFU instructions from
+    the SASS) and HBM (``work.bytes_moved``) bound the launch; the estimate is the largest of the three.
+    The floors are what any kernel must pay: the exponentials of the maths on the SFU, and every input
+    read and every output written once over HBM (``work.bytes_min``). Not modelled: tensor-core
+    throughput, L2 (all traffic is priced at HBM bandwidth), instruction latencies other than DRAM."""
     spec = ARCHS[binary.arch]
     work = launch.work
     cycles_per_ms = spec.clock_ghz * 1e6
@@ -240,7 +267,8 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
         warps_per_scheduler = resident * binary.num_warps / spec.schedulers
         for loop in binary.loops:
             n = loop["instructions"]
-            iteration = max(warps_per_scheduler * n, n + spec.mem_latency_cycles)
+            exposed = n if loop.get("loads_used_in_iteration", 1) else 0
+            iteration = max(warps_per_scheduler * n, exposed + spec.mem_latency_cycles)
             loop_cycles += count * work.token_steps * iteration
     fixed = binary.other_instructions * (len(waves))  # prologue/epilogue, once per wave
     issue_ms = (loop_cycles + fixed) / cycles_per_ms

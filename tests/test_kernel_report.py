@@ -137,3 +137,28 @@ def test_launch_signature_specialises_as_the_jit_does():
     assert (launch.kernel.arg_names.index("length"),) not in attrs  # 197
     assert launch.grid == (2, 2) and launch.num_warps == 1
     assert boundary.shape == (2, 7, 16, 128) and out.dtype == torch.bfloat16
+
+
+def test_loads_a_token_ahead_are_told_from_loads_read_in_their_iteration():
+    """R2 is loaded and read in the same iteration; R8..R11 (a 128-bit load) only after the back-edge."""
+    body = [
+        (0x00, "LDG.E", "R2, desc[UR4][R4.64]"),
+        (0x10, "FFMA", "R5, R2, R5, R6"),
+        (0x20, "LDG.E.128", "R8, desc[UR4][R4.64+0x10]"),
+        (0x30, "STG.E", "desc[UR4][R6.64], R5"),
+        (0x40, "BRA", "0x0"),
+    ]
+    assert aot._loads_used_in_their_iteration(body) == 1
+    body[3] = (0x30, "STG.E", "desc[UR4][R6.64], R10")
+    assert aot._loads_used_in_their_iteration(body) == 2
+
+
+def test_estimate_credits_loads_issued_a_token_ahead():
+    """One warp per scheduler, 100 instructions: a latency-bound 100 + 600 cycles an iteration, or 600
+    when no load is read in its own iteration."""
+    cycles_per_ms = aot.ARCHS["sm_90"].clock_ghz * 1e6
+    waiting = _binary(loops=[{"instructions": 100, "mufu": 0, "loads_used_in_iteration": 3}], ctas_per_sm=4)
+    ahead = _binary(loops=[{"instructions": 100, "mufu": 0, "loads_used_in_iteration": 0}], ctas_per_sm=4)
+    launch = _launch(132 * 4)
+    assert aot.estimate(waiting, launch)["issue_ms"] == pytest.approx(100 * 700 / cycles_per_ms)
+    assert aot.estimate(ahead, launch)["issue_ms"] == pytest.approx(100 * 600 / cycles_per_ms)

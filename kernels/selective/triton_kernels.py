@@ -61,29 +61,41 @@ def _selective_scan_fwd_kernel(
     B_row, C_row = B_ptr + sequence * STATE + offs_n, C_ptr + sequence * STATE + offs_n
     # chunk states as (state, channels): stored as held, coalesced along the channels
     boundary = boundary_ptr + batch_index.to(tl.int64) * num_chunks * STATE * channels
+    # Loads run one token ahead (issued before the step that does not need them), so that a warp's
+    # step does not wait a memory latency when too few warps share its scheduler to hide it.
+    u = tl.load(u_row, mask=mask_e, other=0.0)
+    delta = tl.load(delta_row, mask=mask_e, other=0.0)
+    z = tl.load(z_row, mask=mask_e & HAS_Z, other=0.0)
+    b = tl.load(B_row, mask=mask_n, other=0.0)
+    c = tl.load(C_row, mask=mask_n, other=0.0)
     s = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
     for chunk in range(num_chunks):
-        for _token in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, length)):
-            u = tl.load(u_row, mask=mask_e, other=0.0).to(tl.float32)
-            delta = tl.load(delta_row, mask=mask_e, other=0.0).to(tl.float32)
-            b = tl.load(B_row, mask=mask_n, other=0.0)
-            c = tl.load(C_row, mask=mask_n, other=0.0)
-            s = tl.exp2(delta[None, :] * A) * s + b[:, None] * (delta * u)[None, :]
+        for token in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, length)):
+            ahead = token + 1 < length
+            u_row += channels
+            delta_row += channels
+            z_row += channels
+            B_row += STATE
+            C_row += STATE
+            u_next = tl.load(u_row, mask=mask_e & ahead, other=0.0)
+            delta_next = tl.load(delta_row, mask=mask_e & ahead, other=0.0)
+            z_next = tl.load(z_row, mask=mask_e & ahead & HAS_Z, other=0.0)
+            b_next = tl.load(B_row, mask=mask_n & ahead, other=0.0)
+            c_next = tl.load(C_row, mask=mask_n & ahead, other=0.0)
+
+            u32, delta32 = u.to(tl.float32), delta.to(tl.float32)
+            s = tl.exp2(delta32[None, :] * A) * s + b[:, None] * (delta32 * u32)[None, :]
             y = tl.sum(s * c[:, None], axis=0)
             if GROUP_SIZE > 0:
                 y = y * tl.rsqrt(tl.sum(y * y, axis=0) / GROUP_SIZE + NORM_EPS)
             if HAS_D:
-                y += u * D
+                y += u32 * D
             if HAS_Z:
-                z = tl.load(z_row, mask=mask_e, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
+                z32 = z.to(tl.float32)
+                y = y * z32 * tl.sigmoid(z32)
             tl.store(out_row, y.to(out_ptr.dtype.element_ty), mask=mask_e)
-            u_row += channels
-            delta_row += channels
-            z_row += channels
             out_row += channels
-            B_row += STATE
-            C_row += STATE
+            u, delta, z, b, c = u_next, delta_next, z_next, b_next, c_next
         if STORE_BOUNDARY:  # the state at the end of the chunk; the last one is never read back
             offsets = chunk * STATE * channels + offs_n[:, None] * channels + offs_e[None, :]
             tl.store(boundary + offsets, s, mask=mask_ne & (chunk < num_chunks - 1))
