@@ -77,22 +77,24 @@ def retention_launches(heads: int, length: int, batch: int, dtype: torch.dtype):
     return fwd, bwd
 
 
+# kernel -> (models and their width, the launches of one configuration, the smoke test's model)
+KERNELS = {
+    "selective_scan": (MAMBA, selective_launches, "defocus_mamba_base"),
+    "retention": (RETNET, retention_launches, "defocus_retnet_base"),
+}
+
+
 def configurations(smoke: bool):
-    """``(kernel, config, (fwd launch, bwd launch))`` for every production configuration."""
-    for model, channels in MAMBA.items():
-        for length, batch in SHAPES:
-            for dtype_name, dtype in DTYPES.items():
-                if smoke and (model, length, batch, dtype_name) != ("defocus_mamba_base", 197, 128, "bf16"):
-                    continue
-                config = dict(model=model, length=length, batch=batch, dtype=dtype_name)
-                yield "selective_scan", config, selective_launches(channels, length, batch, dtype)
-    for model, heads in RETNET.items():
-        for length, batch in SHAPES:
-            for dtype_name, dtype in DTYPES.items():
-                if smoke and (model, length, batch, dtype_name) != ("defocus_retnet_base", 197, 128, "bf16"):
-                    continue
-                config = dict(model=model, length=length, batch=batch, dtype=dtype_name)
-                yield "retention", config, retention_launches(heads, length, batch, dtype)
+    """``(kernel, config, (fwd launch, bwd launch))`` for every production configuration (``smoke``: the
+    base model at 197 tokens, batch 128, bf16)."""
+    for kernel, (models, launches, smoke_model) in KERNELS.items():
+        for model, width in models.items():
+            for length, batch in SHAPES:
+                for dtype_name, dtype in DTYPES.items():
+                    if smoke and (model, length, batch, dtype_name) != (smoke_model, 197, 128, "bf16"):
+                        continue
+                    config = dict(model=model, length=length, batch=batch, dtype=dtype_name)
+                    yield kernel, config, launches(width, length, batch, dtype)
 
 
 def build_report(archs: list[str], smoke: bool = False) -> list[dict]:
