@@ -24,6 +24,7 @@ from rich.table import Table
 
 from .config import OrchestrationConfig
 from .launch import LaunchResult, launch
+from .trainer_adapter import check_batch_plans
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,18 @@ def prepare_launch(overrides: list[str]) -> PreparedLaunch:
     if "://" not in storage_path:  # Ray's workers do not share the launcher's working directory
         launcher_part["storage_path"] = os.path.abspath(storage_path)
     launcher_part = OmegaConf.to_container(OmegaConf.create(launcher_part), resolve=True)
-    return PreparedLaunch(OrchestrationConfig.from_mapping(launcher_part), trainer_part)
+    orchestration = OrchestrationConfig.from_mapping(launcher_part)
+    launcher = orchestration.launcher
+    elastic = launcher.elastic
+    sizes = range(launcher.min_workers, launcher.max_workers + 1) if elastic else [launcher.num_workers]
+    resolved = OmegaConf.to_container(OmegaConf.structured(checked), resolve=True)
+    for plan in check_batch_plans(resolved, sizes):  # every size the group may come up with has a plan
+        if plan.rounded:
+            logger.warning(
+                "at %d workers the global batch is %d, not %d (nearest multiple; lr rescaled with it)",
+                plan.world_size, plan.global_batch, plan.requested,
+            )  # fmt: skip
+    return PreparedLaunch(orchestration, trainer_part)
 
 
 def print_launch_summary(result: LaunchResult, console: Console) -> None:

@@ -122,32 +122,64 @@ class OrchestrationConfig:
         return cls(**kwargs, **data)
 
 
+BATCH_ROUNDING = ("nearest", "exact")
+
+
 @dataclass(frozen=True)
 class BatchPlan:
-    """Per-rank micro-batch and gradient-accumulation steps giving ``global_batch`` at ``world_size``."""
+    """Per-rank micro-batch and gradient-accumulation steps giving ``global_batch`` at ``world_size``;
+    ``requested`` is the configured global batch (they differ when it does not split over the ranks)."""
 
     global_batch: int
     world_size: int
     micro_batch: int
     accumulation: int
+    requested: int | None = None
+
+    @property
+    def rounded(self) -> bool:
+        return self.requested is not None and self.requested != self.global_batch
 
 
-def plan_batch(global_batch: int, world_size: int, max_micro_batch: int | None = None) -> BatchPlan:
-    """The fewest accumulation steps whose micro-batch fits ``max_micro_batch``, keeping the global batch.
+def plan_batch(
+    global_batch: int, world_size: int, max_micro_batch: int | None = None, rounding: str = "nearest"
+) -> BatchPlan:
+    """The fewest accumulation steps whose micro-batch fits ``max_micro_batch``, for ``world_size`` ranks.
 
-    The global batch must split evenly over ranks and accumulation steps; otherwise the error names the
-    worker counts that would work, since silently changing the batch changes the optimisation."""
+    The rule when ``global_batch`` does not split evenly over the ranks (an elastic group that came up
+    with 48 of 64 workers): with ``rounding="nearest"`` the global batch becomes the nearest multiple of
+    the world size (``world_size * max(1, round(global_batch / world_size))``, halves rounding up), and
+    the trainer's learning rate follows it by the linear scaling rule (``optim.lr`` is quoted per
+    ``optim.lr_reference_batch`` images); the step count and schedules stay as configured. With
+    ``rounding="exact"`` it is an error naming the worker counts that keep the batch."""
     if global_batch < 1 or world_size < 1:
         raise ValueError(f"global_batch and world_size must be >= 1; got {global_batch}, {world_size}")
-    if global_batch % world_size:
-        usable = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
-        raise ValueError(
-            f"global batch {global_batch} does not split over {world_size} workers; worker counts that "
-            f"keep it: {usable[:12]}"
-        )
-    per_rank = global_batch // world_size
+    if rounding not in BATCH_ROUNDING:
+        raise ValueError(f"batch rounding must be one of {', '.join(BATCH_ROUNDING)}; got {rounding!r}")
+    if max_micro_batch is not None and max_micro_batch < 1:
+        raise ValueError(f"max_micro_batch must be >= 1; got {max_micro_batch}")
+    per_rank, remainder = divmod(global_batch, world_size)
+    if remainder:
+        if rounding == "exact":
+            usable = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
+            raise ValueError(
+                f"global batch {global_batch} does not split over {world_size} workers; worker counts "
+                f"that keep it: {usable[:12]} (or trainer.global_batch_rounding=nearest)"
+            )
+        per_rank = max(1, (2 * global_batch + world_size) // (2 * world_size))  # round half up
     limit = max_micro_batch or per_rank
     for accumulation in range(math.ceil(per_rank / limit), per_rank + 1):
         if per_rank % accumulation == 0:
-            return BatchPlan(global_batch, world_size, per_rank // accumulation, accumulation)
+            return BatchPlan(
+                per_rank * world_size, world_size, per_rank // accumulation, accumulation, global_batch
+            )
     raise AssertionError("unreachable: accumulation == per_rank always divides")
+
+
+def plan_batches(
+    global_batch: int, world_sizes: range | list[int], max_micro_batch: int | None = None,
+    rounding: str = "nearest",
+) -> list[BatchPlan]:
+    """:func:`plan_batch` for every world size a launch may come up with (an elastic range): the driver
+    checks them all before launching, so no group meets a batch it cannot plan."""
+    return [plan_batch(global_batch, w, max_micro_batch, rounding) for w in world_sizes]

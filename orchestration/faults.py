@@ -53,9 +53,13 @@ class FaultInjector:
         launch_id: str,
         restarts_so_far: int,
         newest_checkpoint,
+        before_kill=None,
     ) -> None:
-        """``newest_checkpoint()`` returns the newest complete checkpoint's folder relative to ``storage``."""
+        """``newest_checkpoint()`` returns the newest complete checkpoint's folder relative to ``storage``;
+        ``before_kill()`` runs before a kill (the progress record is flushed: the drill kills "after
+        step N" once step N is on record, as a real crash between steps would find it)."""
         self.cfg, self.storage, self.rank, self.launch_id = cfg, storage, rank, launch_id
+        self.before_kill = before_kill
         self.restarts_so_far = restarts_so_far  # varies the random kills between attempts
         self.newest_checkpoint = newest_checkpoint
 
@@ -90,6 +94,8 @@ class FaultInjector:
             self.kill(step, f"injected SIGKILL of rank {self.rank} at step {step} (p={cfg.kill_probability})")
 
     def kill(self, step: int, cause: str) -> None:
+        if self.before_kill is not None:
+            self.before_kill()
         note = FailureNote(time=time.time(), cause=cause, source="injector", rank=self.rank, step=step)
         write_failure_note(self.storage, note)
         logger.warning("fault injector: %s", cause)

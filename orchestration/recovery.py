@@ -5,7 +5,8 @@ Three kinds of evidence meet in the run directory's ``orchestration/`` folder:
 * failure notes, written at the moment of death where someone sees it: the fault injector just before
   it kills its own process, the non-finite-loss monitor before it raises, and Ray Train's controller
   (``RecoveryCallback``) when it finds failed workers;
-* ``progress.json``, rank 0's last completed step (and its time) in this launch;
+* ``progress.json``, rank 0's last completed step (and its time) in this launch, written behind the
+  training thread (a step never waits for storage; on an object store, steps coalesce into one request);
 * the resumed step, reported by the trainer on start.
 
 At the first completed step after a resume, rank 0 turns them into one :class:`RestartRecord` in
@@ -16,9 +17,12 @@ nothing left a note) to that first step, so it includes detection, restart, chec
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .storage import RunStorage
 
@@ -72,13 +76,76 @@ def read_restart_records(run_dir: str) -> list[RestartRecord]:
     return [RestartRecord(**row) for row in RunStorage(run_dir).read_rows(FOLDER, RESTARTS)]
 
 
+class WriteBehind:
+    """Writes the newest value handed to :meth:`put` from a daemon thread, so the caller never waits for
+    storage; values handed over while a write is in flight coalesce into the next write. A failed write
+    is logged (once) and does not stop training: progress records are evidence, not state."""
+
+    def __init__(self, write: Callable[[Any], None], name: str) -> None:
+        self._write, self._name = write, name
+        self._cond = threading.Condition()
+        self._value: Any = None
+        self._handed = self._written = 0
+        self._closed, self._warned = False, False
+        self._thread: threading.Thread | None = None
+
+    def put(self, value: Any) -> None:
+        with self._cond:
+            self._value, self._handed = value, self._handed + 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the newest value is written (or ``timeout``); True if it was."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._written >= self._handed, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._handed > self._written)
+                if self._handed <= self._written:
+                    return
+                value, handed = self._value, self._handed
+            try:
+                self._write(value)
+            except Exception as exc:  # noqa: BLE001 -- any storage error; training goes on
+                if not self._warned:
+                    logger.warning("%s: writing failed (%s: %s); retried with the next value", self._name,
+                                   type(exc).__name__, exc)  # fmt: skip
+                    self._warned = True
+            with self._cond:
+                self._written = handed
+                self._cond.notify_all()
+
+
 class RecoveryTracker:
-    """Lives in every worker; only rank 0 writes. Call ``on_resume`` once, then ``on_step_end`` per step."""
+    """Lives in every worker; only rank 0 writes. Call ``on_resume`` once, then ``on_step_end`` per step,
+    and ``close`` at the end (``flush`` before a deliberate kill, so the record shows the last step)."""
 
     def __init__(self, storage: RunStorage, *, rank: int, world_size: int, launch_id: str) -> None:
         self.storage, self.rank, self.world_size, self.launch_id = storage, rank, world_size, launch_id
         self.resumed_step: int | None = None
         self._first_step_pending = False
+        self._progress = WriteBehind(
+            lambda value: storage.write_json(value, FOLDER, PROGRESS), name="progress-writer"
+        )
+
+    def flush(self) -> None:
+        self._progress.flush()
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._progress.close(timeout)
 
     def on_resume(self, step: int) -> None:
         self.resumed_step = step
@@ -94,10 +161,9 @@ class RecoveryTracker:
         if self._first_step_pending:
             self._first_step_pending = False
             record = self._record_restart(now=time.time())
-        self.storage.write_json(
-            {"step": step, "time": time.time(), "world_size": self.world_size, "launch_id": self.launch_id},
-            FOLDER, PROGRESS,
-        )  # fmt: skip
+        self._progress.put(
+            {"step": step, "time": time.time(), "world_size": self.world_size, "launch_id": self.launch_id}
+        )
         return record
 
     def _record_restart(self, now: float) -> RestartRecord | None:

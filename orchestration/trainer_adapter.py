@@ -6,7 +6,8 @@ one-line change (``TRAINER_ENTRY`` and, if its layout differs, ``CHECKPOINT_FOLD
 * an entry function ``entry(cfg: dict, hooks: TrainingHooks) -> dict`` that runs inside an already
   initialised process group (Ray Train and torchrun both set it up) and returns a JSON-able summary;
 * calls to ``hooks.on_resume(step, checkpoint)`` once after loading (step 0, None on a fresh start) and
-  ``hooks.on_step_end(step, loss)`` on every rank after each optimizer step;
+  ``hooks.on_step_end(step)`` on every rank after each optimizer step (queued, not awaited: the host
+  does not wait for the device there);
 * complete DCP checkpoints as folders ``<run_dir>/<CHECKPOINT_FOLDER>/<name ending in the step>``, holding
   ``COMPLETE_MARKER``, which the trainer writes only after every rank finished (and which lists every file
   with its size, so the trainer itself also catches a damaged one);
@@ -33,6 +34,7 @@ COMPLETE_MARKER = "COMMITTED.json"  # defocus_scale.train.checkpoint.COMMIT_MARK
 RUN_DIR_KEY = "trainer.run_dir"
 GLOBAL_BATCH_KEY = "trainer.global_batch"
 MAX_MICRO_BATCH_KEY = "trainer.max_micro_batch"
+BATCH_ROUNDING_KEY = "trainer.global_batch_rounding"
 MICRO_BATCH_KEY = "data.batch_size"  # per rank, per forward pass (DataConfig.batch_size)
 ACCUMULATION_KEY = "trainer.grad_accum_steps"
 
@@ -40,7 +42,7 @@ ACCUMULATION_KEY = "trainer.grad_accum_steps"
 class TrainingHooks(Protocol):
     def on_resume(self, step: int, checkpoint: str | None) -> None: ...
 
-    def on_step_end(self, step: int, loss: float) -> None: ...
+    def on_step_end(self, step: int) -> None: ...
 
 
 TrainerEntry = Callable[[dict[str, Any], TrainingHooks], dict[str, Any]]
@@ -88,10 +90,33 @@ def prepare_trainer_config(
     global_batch = _get(cfg, GLOBAL_BATCH_KEY)
     if global_batch is None:
         return cfg, None
-    plan = plan_batch(int(global_batch), world_size, _get(cfg, MAX_MICRO_BATCH_KEY))
+    rounding = _get(cfg, BATCH_ROUNDING_KEY) or "nearest"
+    plan = plan_batch(int(global_batch), world_size, _get(cfg, MAX_MICRO_BATCH_KEY), rounding)
     _set(cfg, MICRO_BATCH_KEY, plan.micro_batch)
     _set(cfg, ACCUMULATION_KEY, plan.accumulation)
     return cfg, plan
+
+
+def check_batch_plans(trainer_cfg: dict, world_sizes: range | list[int]) -> list[BatchPlan]:
+    """The batch plan of every world size a launch may come up with (one size, or an elastic range), or
+    ``ValueError`` naming the sizes that have none (``trainer.global_batch_rounding=exact``). Run on the
+    driver before launching: a group must never meet a batch it cannot plan."""
+    global_batch = _get(trainer_cfg, GLOBAL_BATCH_KEY)
+    if global_batch is None:
+        return []
+    plans, failing = [], []
+    for world_size in world_sizes:
+        try:
+            plans.append(prepare_trainer_config(trainer_cfg, run_dir="", world_size=world_size)[1])
+        except ValueError:
+            failing.append(world_size)
+    if failing:
+        raise ValueError(
+            f"trainer.global_batch={global_batch} does not split over {failing} workers, which this launch "
+            f"may come up with, and trainer.global_batch_rounding=exact; allow rounding (nearest) or "
+            f"choose the worker counts"
+        )
+    return plans
 
 
 def _trailing_number(name: str) -> int:

@@ -56,18 +56,21 @@ class OrchestrationHooks:
         self.injector = FaultInjector(
             faults, storage, rank=rank, launch_id=job.launch_id,
             restarts_so_far=self.tracker.restarts_so_far() if faults.enabled else 0,
-            newest_checkpoint=lambda: newest_complete_checkpoint(storage),
+            newest_checkpoint=lambda: newest_complete_checkpoint(storage), before_kill=self.tracker.flush,
         )  # fmt: skip
         self.step_times: list[float] = []
 
     def on_resume(self, step: int, checkpoint: str | None) -> None:
         self.tracker.on_resume(step)
 
-    def on_step_end(self, step: int, loss: float) -> None:
+    def on_step_end(self, step: int) -> None:
         # Non-finite losses are the trainer's: it skips such steps and stops (non-retryably) on a streak.
         self.step_times.append(time.time())
         self.tracker.on_step_end(step)
         self.injector.on_step_end(step)
+
+    def close(self) -> None:
+        self.tracker.close(timeout=5.0)
 
 
 def run_worker(job: WorkerJob) -> dict[str, Any]:
@@ -96,6 +99,8 @@ def run_worker(job: WorkerJob) -> dict[str, Any]:
         note = FailureNote(time.time(), str(exc)[:2000], "trainer", rank=rank)
         write_failure_note(storage, note)
         result = {FATAL_KEY: f"{type(exc).__name__}: {exc}"}
+    finally:
+        hooks.close()  # the last progress record is written (a few seconds at most)
     if rank == 0:
         result["world_size"] = world_size
         storage.write_json(result, FOLDER, result_name(job.launch_id))

@@ -146,7 +146,39 @@ def test_plan_batch_keeps_global_batch() -> None:
     assert (plan.micro_batch, plan.accumulation) == (4, 3)
     assert plan.micro_batch * plan.accumulation * plan.world_size == 12
     with pytest.raises(ValueError, match="does not split over 5 workers"):
-        plan_batch(12, 5)
+        plan_batch(12, 5, rounding="exact")
+    assert (plan_batch(12, 5).global_batch, plan_batch(12, 5).requested) == (10, 12)
+    assert plan_batch(12, 8).global_batch == 16 and plan_batch(12, 64).global_batch == 64  # halves up; >= 1
+
+
+RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_has_a_batch_plan_at_every_world_size(recipe: str) -> None:
+    """An elastic group may come up with any size: 1..64 workers each get a plan within half a rank's
+    batch of the recipe's global batch, with micro-batches that fit ``max_micro_batch``."""
+    from defocus_scale.train.config import load_train_config, resolve_batch
+
+    cfg = load_train_config([f"+recipe={recipe}"])
+    wanted, limit = cfg.trainer.global_batch, cfg.trainer.max_micro_batch
+    assert wanted is not None
+    for world in range(1, 65):
+        plan = resolve_batch(cfg, world)
+        assert plan.micro_batch * plan.accumulation * world == plan.global_batch
+        assert abs(plan.global_batch - wanted) <= world / 2 or plan.global_batch == world, (world, plan)
+        assert plan.micro_batch <= (limit or plan.global_batch) and plan.rounded == (wanted % world != 0)
+
+
+def test_driver_checks_every_elastic_size_before_launch(tmp_path: Path) -> None:
+    from defocus_scale.orchestration.cli import prepare_launch
+
+    common = [f"trainer.run_dir={tmp_path / 'run'}", "trainer.global_batch=64", "launcher.min_workers=2",
+              "launcher.max_workers=6"]  # fmt: skip
+    prepared = prepare_launch(common)  # nearest: every size in 2..6 has a plan
+    assert prepared.orchestration.launcher.elastic
+    with pytest.raises(ValueError, match=r"does not split over \[3, 5, 6\] workers"):
+        prepare_launch([*common, "trainer.global_batch_rounding=exact"])
 
 
 def test_prepare_trainer_config_sets_batch_and_run_dir() -> None:
@@ -178,6 +210,7 @@ def test_recovery_tracker_records_restart(tmp_path: Path) -> None:
     first.on_resume(0)
     for step in range(1, 6):
         assert first.on_step_end(step) is None  # a fresh start is not a restart
+    first.close()  # progress is written behind the steps; the dead launch's last one is on record
     write_failure_note(storage, FailureNote(time=1.0, cause="boom", source="injector", rank=1, step=5))
     second = RecoveryTracker(storage, rank=0, world_size=3, launch_id="L")
     second.on_resume(4)

@@ -165,6 +165,82 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(straight: tuple[Path, di
     assert CheckpointStore(str(run_dir)).newest_complete()[0] == 2 * N
 
 
+def test_hsdp_two_by_two_resume_equals_straight_run(shards: Path, tmp_path: Path) -> None:
+    """4 gloo ranks as 2 replicas x 2 shards (HSDP), 2 micro-batches a step reduce-scattered each: a run
+    stopped at step N and resumed equals the straight run (replicas that drifted apart, e.g. initialised
+    from different streams, would not: DCP saves one replica and the resume makes them equal)."""
+    hsdp = {"trainer.dp_replicate": 2, "data.batch_size": 2, "trainer.max_micro_batch": 2}
+    straight_dir, stopped_dir = tmp_path / "hsdp-straight", tmp_path / "hsdp-stopped"
+    summary = torchrun(4, _overrides(shards, straight_dir, **hsdp))
+    assert summary["mesh"] == {"dp_replicate": 2, "dp_shard": 2} and summary["accumulation"] == 2
+    assert summary["placements"] == "R, S(0)"  # replicated across the 2 groups, sharded within
+    torchrun(4, _overrides(shards, stopped_dir, **hsdp, **{"trainer.stop_at_step": N}))
+    resumed = torchrun(4, _overrides(shards, stopped_dir, **hsdp))
+    assert resumed["resumed_from"] == f"checkpoints/step_{N:08d}" and resumed["steps_run"] == N
+    for ema in (False, True):
+        expected, got = _live_weights(straight_dir, tmp_path, ema), _live_weights(stopped_dir, tmp_path, ema)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_eight_ranks_train_hsdp_with_the_other_knobs(shards: Path, tmp_path: Path) -> None:
+    """8 gloo ranks on this CPU: HSDP 2 x 4 with units kept gathered (``reshard_after_forward=never``)
+    and gradients held unsharded across micro-batches (``defer_gradient_sync``)."""
+    common = {"trainer.max_steps": 3, "trainer.checkpoint_every": 3, "data.batch_size": 2,
+              "trainer.max_micro_batch": 1}  # 16 = 8 ranks x 1 x 2 accumulation  # fmt: skip
+    knobs = {"trainer.dp_replicate": 2, "trainer.reshard_after_forward": "never",
+             "trainer.defer_gradient_sync": True}  # fmt: skip
+    summary = torchrun(8, _overrides(shards, tmp_path / "r8-hsdp", **common, **knobs), timeout=420)
+    assert summary["mesh"] == {"dp_replicate": 2, "dp_shard": 4} and summary["accumulation"] == 2
+    assert summary["final_step"] == 3 and summary["loss_last"] < 3.0
+    assert len(summary["peak_memory_bytes_per_rank"]) == 8
+
+
+def test_steps_sync_the_host_only_at_log_boundaries(tmp_path: Path) -> None:
+    """2 ranks, 2 micro-batches a step, 12 steps over two epochs, a checkpoint at step 6, logs every 5:
+    an ordinary step makes no host sync (``item``/``tolist``/``bool``/... of any tensor on the training
+    thread) and one collective of its own (the loss all-reduce; FSDP's are not counted); an epoch start
+    adds one agreed plan; the figures come back in one ``tolist`` per logging window."""
+    from defocus_scale.data.make_shards import make_shards
+
+    make_shards("synthetic", tmp_path / "train", synthetic_samples=256, synthetic_classes=10,
+                synthetic_image_size=32, samples_per_shard=64, progress=False)  # fmt: skip
+    out = tmp_path / "counts.json"
+    overrides = {
+        "data.source": tmp_path / "train", "data.eval_source": "null", "data.batch_size": 8,
+        "data.workers": 1,
+        "trainer.run_dir": tmp_path / "run", "trainer.max_steps": 12, "trainer.checkpoint_every": 6,
+        "trainer.global_batch": 32, "trainer.max_micro_batch": 8, "trainer.log_every": 5,
+        "trainer.tensorboard": False, "trainer.progress": False,
+    }  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "dist_scripts" / "count_syncs.py"), str(out),
+               *[f"{k}={v}" for k, v in overrides.items()], "~synthetic_data", *TINY_MODEL]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    report = json.loads(out.read_text())
+    steps = {int(k): v for k, v in report["steps"].items()}
+    assert sorted(steps) == list(range(1, 13)) and report["summary"]["planned_epochs"] == 2
+    # A step's counts run from the previous step's end: the read-back after steps 5, 6 (checkpoint), 10
+    # lands in steps 6, 7, 11; epochs start at steps 1 and 9 (256 samples / 2 ranks / 16 per step).
+    after_boundary, epoch_starts = {6, 7, 11}, {1, 9}
+    for step, seen in steps.items():
+        calls = seen["calls"]
+        if step in after_boundary:
+            assert any(c.startswith("syncs:tolist@step_log.py") for c in calls), (step, calls)
+            continue
+        syncs = [c for c in calls if c.startswith("syncs:") and "@loader.py" not in c]  # DataLoader seeding
+        assert all("@batches.py" in c for c in syncs if step in epoch_starts), calls
+        collectives = [c for c in calls if c.startswith("collectives:")]
+        if step in epoch_starts:
+            kinds = [c.split(":")[1].split("@")[0] for c in syncs]
+            assert kinds == ["item"] and len(collectives) == 2, (step, calls)
+        else:
+            assert syncs == [] and len(collectives) == 1, (step, calls)
+            assert collectives[0].startswith("collectives:all_reduce@loop.py"), (step, calls)
+
+
 def test_drop_path_rate_per_step_follows_schedule(straight: tuple[Path, dict]) -> None:
     table = ds.dataset(straight[0] / "metrics" / "train", format="parquet").to_table().to_pylist()
     schedule = DropPathSchedule(0.05, 0.3, "linear")

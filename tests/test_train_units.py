@@ -49,8 +49,10 @@ def test_global_batch_fixed_across_world_sizes() -> None:
     plans = {world: resolve_batch(cfg, world) for world in (1, 2, 4)}
     assert [(p.micro_batch, p.accumulation) for p in plans.values()] == [(16, 4), (16, 2), (16, 1)]
     assert all(p.global_batch == 64 for p in plans.values())
+    assert resolve_batch(cfg, 3).global_batch == 63  # the nearest multiple of 3 (lr follows it)
+    exact = load_train_config(["trainer.global_batch=64", "trainer.global_batch_rounding=exact"])
     with pytest.raises(ConfigError, match="trainer.global_batch"):
-        resolve_batch(cfg, 3)
+        resolve_batch(exact, 3)
     free = load_train_config(["data.batch_size=8", "trainer.grad_accum_steps=3"])
     assert resolve_batch(free, 2).global_batch == 48
 

@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from defocus_scale.data.config import DataConfig
-from defocus_scale.orchestration.config import BatchPlan, plan_batch
+from defocus_scale.orchestration.config import BATCH_ROUNDING, BatchPlan, plan_batch
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Top-level keys of configs/train.yaml that belong to the launcher (defocus_scale.orchestration), not to
@@ -77,11 +77,25 @@ class TrainerConfig:
     # (data.batch_size) and grad_accum_steps are derived from it for the current world size.
     global_batch: int | None = None
     max_micro_batch: int | None = None
+    # When global_batch does not split over the ranks (an elastic group at 48 of 64 workers): "nearest"
+    # takes the nearest multiple of the world size, the lr following by the linear scaling rule; "exact"
+    # refuses the world size (the driver checks every size a launch may come up with).
+    global_batch_rounding: str = "nearest"
     grad_accum_steps: int = 1
+    # With accumulation, FSDP reduce-scatters each micro-batch's gradients into the sharded ones (memory:
+    # one shard). True keeps full unsharded gradients until the step's last micro-batch instead (fewer
+    # collectives, but a whole fp32 gradient per rank: 4 GB for a 1b model).
+    defer_gradient_sync: bool = False
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     compile: bool = False
+    # HSDP: replicate across this many groups of consecutive ranks (e.g. nodes), shard within each; 1: FSDP
+    # over all ranks. The world size must be a multiple.
+    dp_replicate: int = 1
+    # Free a unit's gathered parameters after its forward: default (all blocks but the last, not the
+    # heads: torchtitan's choice) | always | never (fewer all-gathers, the memory of the full weights).
+    reshard_after_forward: str = "default"
     threads: int | None = None  # torch intra-op threads per rank (None: leave torch's default)
     ema_decay: float = 0.9999  # 0 disables the EMA
     eval_every: int = 0  # steps; 0: only at the end
@@ -144,11 +158,18 @@ def _check(cfg: TrainConfig) -> None:
         ("trainer.checkpoint_every", trainer.checkpoint_every, 0),
         ("trainer.keep_last", trainer.keep_last, 1),
         ("trainer.log_every", trainer.log_every, 1),
+        ("trainer.dp_replicate", trainer.dp_replicate, 1),
         ("trainer.max_nonfinite_steps", trainer.max_nonfinite_steps, 0),
         ("optim.lr_reference_batch", cfg.optim.lr_reference_batch, 1),
     ]:  # fmt: skip
         if value < least:
             raise ConfigError(f"config key {key!r} must be >= {least}, got {value}")
+    if trainer.reshard_after_forward not in ("default", "always", "never"):
+        raise ConfigError("config key 'trainer.reshard_after_forward' must be default, always or never, got "
+                          f"{trainer.reshard_after_forward!r}")  # fmt: skip
+    if trainer.global_batch_rounding not in BATCH_ROUNDING:
+        raise ConfigError(f"config key 'trainer.global_batch_rounding' must be one of {BATCH_ROUNDING}, "
+                          f"got {trainer.global_batch_rounding!r}")  # fmt: skip
     if not 0.0 <= trainer.ema_decay < 1.0:
         raise ConfigError(f"config key 'trainer.ema_decay' must be in [0, 1), got {trainer.ema_decay}")
     if cfg.schedule.warmup_steps < 0:
@@ -186,7 +207,9 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> BatchPlan:
         micro, accumulation = cfg.data.batch_size, cfg.trainer.grad_accum_steps
         return BatchPlan(micro * world_size * accumulation, world_size, micro, accumulation)
     try:
-        return plan_batch(cfg.trainer.global_batch, world_size, cfg.trainer.max_micro_batch)
+        trainer = cfg.trainer
+        rounding = trainer.global_batch_rounding
+        return plan_batch(trainer.global_batch, world_size, trainer.max_micro_batch, rounding)
     except ValueError as exc:
         raise ConfigError(f"config key 'trainer.global_batch': {exc}") from exc
 

@@ -28,9 +28,16 @@ class ShardedEMA:
         self._params = [p for name, p in model.named_parameters() if name in self.shadow]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, gate: torch.Tensor | None = None) -> None:
+        """One EMA step; ``gate`` (a boolean tensor on the device) turns it into a no-op where false
+        without a host sync (a skipped non-finite step)."""
         shadow = [_local(t) for t in self.shadow.values()]
-        torch._foreach_lerp_(shadow, [_local(p).float() for p in self._params], 1.0 - self.decay)
+        params = [_local(p).float() for p in self._params]
+        if gate is None:
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+            return
+        weight = gate.to(dtype=torch.float32) * (1.0 - self.decay)
+        torch._foreach_lerp_(shadow, params, [weight.to(t.device) for t in shadow])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -16,11 +14,13 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from defocus_scale.data.config import DataConfig
 from defocus_scale.losses import defocus_loss
 from defocus_scale.models import create_model
 from defocus_scale.schedules import DropPathSchedule
+from defocus_scale.train.batches import LockstepBatches, TrainLoaderLike, close_iterator
 from defocus_scale.train.checkpoint import (
     CHECKPOINT_FOLDER,
     Checkpointer,
@@ -30,7 +30,7 @@ from defocus_scale.train.checkpoint import (
     set_rng_state,
     step_folder,
 )
-from defocus_scale.train.config import TrainConfig, config_to_dict, resolve_batch
+from defocus_scale.train.config import ConfigError, TrainConfig, config_to_dict, resolve_batch
 from defocus_scale.train.ema import ShardedEMA
 from defocus_scale.train.export import init_from
 from defocus_scale.train.metrics import (
@@ -49,19 +49,11 @@ from defocus_scale.train.parallel import (
     mixed_precision_policy,
     replicated_parameters,
 )
+from defocus_scale.train.step_log import DeferredSteps
 
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class TrainLoaderLike(Protocol):
-    """What the loop needs of a train loader (``defocus_scale.data.loader.TrainLoader`` is one)."""
-
-    def __iter__(self) -> Iterator[Batch]: ...
-    def set_epoch(self, epoch: int) -> None: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, states: list[dict]) -> None: ...
 
 
 TrainLoaderFactory = Callable[..., TrainLoaderLike]  # (cfg, *, rank, world_size, seed, epoch, device)
@@ -69,69 +61,11 @@ EvalLoaderFactory = Callable[..., Any]  # (cfg, *, rank, world_size, device) -> 
 
 
 class TrainingHooks(Protocol):
-    """Callbacks for a launcher (the orchestration's fault injection and restart records)."""
+    """Callbacks for a launcher (the orchestration's fault injection and restart records). They run on
+    the host after each step's work is queued: the step's figures are not known yet (see step_log)."""
 
     def on_resume(self, step: int, checkpoint: str | None) -> None: ...
-    def on_step_end(self, step: int, loss: float) -> None: ...
-
-
-def _all_ranks_have(flag: bool, device: torch.device) -> bool:
-    have = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(have, op=dist.ReduceOp.MIN)
-    return bool(have.item())
-
-
-class LockstepBatches:
-    """Micro-batches across epochs, with every rank ending each epoch at the same batch (ranks' shares
-    may differ by a batch; FSDP needs all ranks in every step). Leftovers of an epoch are dropped.
-
-    Batches come with their sample keys when the loader offers ``batches_with_keys()`` (as
-    ``defocus_scale.data.loader.TrainLoader`` does): they name the samples of a non-finite step. With
-    ``audit`` the keys of every batch handed out are also kept in ``consumed``."""
-
-    def __init__(
-        self, loader: TrainLoaderLike, epoch: int, device: torch.device, audit: bool = False
-    ) -> None:
-        self.loader, self.epoch, self.device, self.audit = loader, epoch, device, audit
-        self._batches: Iterator[Any] | None = None
-        self._with_keys = getattr(loader, "batches_with_keys", None)
-        if audit and self._with_keys is None:
-            raise TypeError("trainer.audit_samples needs a train loader with batches_with_keys()")
-        self.consumed: list[str] = []
-
-    def _iterate(self) -> Iterator[Any]:
-        if self._with_keys is None:
-            return ((images, targets, []) for images, targets in self.loader)
-        return self._with_keys()
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        for _attempt in range(2):
-            if self._batches is None:
-                self._batches = self._iterate()
-            batch = next(self._batches, None)
-            if _all_ranks_have(batch is not None, self.device):
-                images, targets, keys = batch  # type: ignore[misc]
-                if self.audit:
-                    self.consumed.extend(keys)
-                return images, targets, list(keys)
-            self.epoch += 1
-            self.loader.set_epoch(self.epoch)
-            self._batches = None
-        raise RuntimeError(
-            "a fresh epoch gave some rank no batch: the training set is smaller than one batch per rank"
-        )
-
-    def close(self) -> None:
-        """Close the epoch's batch generator now, so its DataLoader workers are joined here rather than
-        whenever garbage collection finds it (or never, on an error path)."""
-        batches, self._batches = self._batches, None
-        _close_iterator(batches)
-
-
-def _close_iterator(iterator: Any) -> None:
-    close = getattr(iterator, "close", None)
-    if callable(close):
-        close()
+    def on_step_end(self, step: int) -> None: ...
 
 
 @torch.no_grad()
@@ -146,7 +80,7 @@ def evaluate(
     try:
         return _evaluate_batches(model, batches, env, image_size, max_batches)
     finally:
-        _close_iterator(batches)  # a short max_batches or an error leaves the loader's workers running
+        close_iterator(batches)  # a short max_batches or an error leaves the loader's workers running
         model.train(was_training)
 
 
@@ -243,7 +177,12 @@ def train(
     trainer = cfg.trainer
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
-    env = env or init_distributed(trainer.device, timeout_s=trainer.collective_timeout_s)
+    try:
+        env = env or init_distributed(
+            trainer.device, timeout_s=trainer.collective_timeout_s, replicate=trainer.dp_replicate
+        )
+    except ValueError as exc:  # a mesh or backend the world cannot have: the user's to fix
+        raise ConfigError(str(exc)) from None
     console = console or Console()
     plan = resolve_batch(cfg, env.world_size)
     data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
@@ -257,6 +196,7 @@ def train(
     model = build_sharded_model(
         cfg.model.name, model_kwargs, env, precision=trainer.precision,
         activation_checkpointing=trainer.activation_checkpointing, compile=trainer.compile, seed=trainer.seed,
+        reshard_after_forward=trainer.reshard_after_forward,
     )  # fmt: skip
     lr_peak = scaled_lr(cfg.optim.lr, plan.global_batch, cfg.optim.lr_reference_batch)
     optimizer = build_optimizer(
@@ -321,6 +261,11 @@ def train(
                 f"global batch {plan.global_batch} = {env.world_size} ranks x {plan.micro_batch} x "
                 f"{plan.accumulation} accumulation; lr {lr_peak:.3g}; MFU peak: {peak_note}"
             )
+            if plan.rounded:
+                console.print(
+                    f"[yellow]trainer.global_batch={plan.requested} does not split over {env.world_size} "
+                    f"ranks: the nearest multiple, {plan.global_batch}, is used and the lr follows it[/]"
+                )
 
         batches = LockstepBatches(train_loader, epoch, env.device, audit=trainer.audit_samples)
         cleanup.callback(batches.close)
@@ -331,12 +276,33 @@ def train(
         guard = NonFiniteGuard(trainer.max_nonfinite_steps, trainer.run_dir, env.is_main)
         skip_steps, inject_nonfinite = set(trainer.skip_steps), set(trainer.inject_nonfinite_at)
         first_step, losses, blocked_by_save = step, [], 0.0
+        deferred = DeferredSteps()
         progress = _progress(console, trainer.max_steps, step, enabled=env.is_main and trainer.progress)
         task = progress.add_task("train", total=trainer.max_steps, completed=step, status="")
+
+        def read_back_steps() -> None:
+            """The one host sync of a logging window: the deferred steps' figures, their metrics rows, the
+            non-finite guard (which may stop the run here, up to ``log_every`` steps after the streak)."""
+            for row in deferred.read():
+                nonfinite_keys = [] if row.finite else gather_keys(row.keys, env.world_size)
+                guard.observe(row.step, row.finite, nonfinite_keys, checkpointer.last_committed)
+                figures = row.figures
+                losses.append(figures["loss"])
+                images_per_s = plan.global_batch / row.seconds
+                if metrics is not None:
+                    metrics.log(row.step, {
+                        **{k: v for k, v in figures.items() if k != "finite"}, **row.host,
+                        "images_per_s": images_per_s,
+                        "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
+                        "step_seconds": row.seconds, "step_skipped": 0.0 if row.finite else 1.0,
+                        "nonfinite_steps": float(guard.total),
+                    })  # fmt: skip
+                status = f"loss {figures['loss']:.3f} lr {row.host['lr']:.2e} dp {row.host['drop_path']:.3f}"
+                progress.update(task, completed=row.step, status=status)
+
         with progress:
             last_step = min(trainer.max_steps, trainer.stop_at_step or trainer.max_steps)
             while step < last_step:
-                start = time.perf_counter()
                 lr, rate = lr_at(step), drop_path.rate(step, trainer.max_steps)
                 if step + 1 in skip_steps:  # trainer.skip_steps: draw this step's batches and drop them
                     for _micro in range(plan.accumulation):
@@ -349,54 +315,49 @@ def train(
                 sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # total, main, aux
                 step_keys: list[str] = []
                 for micro in range(plan.accumulation):
-                    images, targets, keys = batches.next()
-                    step_keys += keys
-                    images = images.to(env.device, non_blocking=True)
-                    targets = targets.to(env.device, non_blocking=True)
-                    # Reduce-scatter gradients only on the last micro-batch of the step.
-                    model.set_requires_gradient_sync(micro == plan.accumulation - 1)
+                    batch = batches.next()
+                    step_keys += batch.keys
+                    images = batch.images.to(env.device, non_blocking=True)
+                    targets = batch.targets.to(env.device, non_blocking=True)
+                    if trainer.defer_gradient_sync:  # unsharded gradients kept until the last micro-batch
+                        model.set_requires_gradient_sync(micro == plan.accumulation - 1)
                     smoothing = label_smoothing if targets.ndim == 1 else 0.0  # mixed targets: soft already
                     parts = defocus_loss(model.forward_train(images, rate), targets, smoothing)
                     total = parts.total
                     if step + 1 in inject_nonfinite:  # trainer.inject_nonfinite_at: a fault drill
                         total = total * float("nan")
-                    (total / plan.accumulation).backward()
+                    (total * (batch.weight / plan.accumulation)).backward()
                     aux = parts.aux if parts.aux is not None else torch.full_like(parts.main, float("nan"))
-                    sums += torch.stack([total.detach(), parts.main.detach(), aux.detach()]).double()
+                    step_parts = torch.stack([total.detach(), parts.main.detach(), aux.detach()]).double()
+                    sums += step_parts * batch.weight
                 all_reduce_replicated_grads(replicated, env.world_size)
-                # All-reduced: one decision on every rank.
+                # All-reduced: one decision on every rank, taken on the device (no host sync): a non-finite
+                # loss or gradient norm makes the fused AdamW step and the EMA update no-ops.
                 grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)
                 mean_losses = sums / (plan.accumulation * env.world_size)
                 dist.all_reduce(mean_losses)
-                loss, grad_norm_value = mean_losses[0].item(), grad_norm.item()
-                finite = math.isfinite(loss) and math.isfinite(grad_norm_value)
+                finite = torch.isfinite(mean_losses[0]) & torch.isfinite(grad_norm)
                 blocked_by_save += checkpointer.wait_for_staging()  # the last save's copy must be complete
-                if finite:
-                    optimizer.step()
-                    if ema is not None:
-                        ema.update()
+                optimizer.found_inf = (~finite).float()
+                optimizer.step()
+                if ema is not None:
+                    ema.update(gate=finite)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                nonfinite_keys = [] if finite else gather_keys(step_keys, env.world_size)
-                guard.observe(step, finite, nonfinite_keys, checkpointer.last_committed)
-                losses.append(loss)
-                seconds = time.perf_counter() - start
-                images_per_s = plan.global_batch / seconds
-                record = {
-                    "loss": loss, "loss_main": mean_losses[1].item(), "loss_aux": mean_losses[2].item(),
-                    "lr": lr, "drop_path": rate, "grad_norm": grad_norm_value, "images_per_s": images_per_s,
-                    "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
-                    "step_seconds": seconds, "epoch": batches.epoch,
-                    "peak_memory_gib": peak_memory_bytes(env.device) / 2**30,
-                    "step_skipped": 0.0 if finite else 1.0, "nonfinite_steps": float(guard.total),
-                }  # fmt: skip
-                if metrics is not None:
-                    metrics.log(step, record)
-                progress.update(task, completed=step, status=f"loss {loss:.3f} lr {lr:.2e} dp {rate:.3f}")
+                figures = torch.cat([mean_losses, grad_norm.double().reshape(1), finite.double().reshape(1)])
+                host = {"lr": lr, "drop_path": rate, "epoch": float(batches.epoch),
+                        "peak_memory_gib": peak_memory_bytes(env.device) / 2**30}  # fmt: skip
+                deferred.add(step, figures, host, step_keys)
                 if hooks is not None:
-                    hooks.on_step_end(step, loss)
+                    hooks.on_step_end(step)
                 checkpointer.poll()
-                if trainer.checkpoint_every and (step % trainer.checkpoint_every == 0 or step == last_step):
+                saving = bool(trainer.checkpoint_every) and (
+                    step % trainer.checkpoint_every == 0 or step == last_step
+                )
+                evaluating = bool(trainer.eval_every) and step % trainer.eval_every == 0 and step < last_step
+                if step % trainer.log_every == 0 or saving or evaluating or step == last_step:
+                    read_back_steps()
+                if saving:
                     _refuse_nonfinite_state(state, env, step)
                     trainer_state = {
                         "step": step, "epoch": batches.epoch, "world_size": env.world_size,
@@ -413,9 +374,12 @@ def train(
                     blocked_by_save += checkpointer.save(step, state, trainer_state)
                     if metrics is not None:  # the metrics up to a checkpoint are as durable as it is
                         metrics.flush()
-                if trainer.eval_every and step % trainer.eval_every == 0 and step < last_step:
+                if evaluating:
                     blocked_by_save += checkpointer.wait_for_staging()  # the EMA swap writes the parameters
                     _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
+                if saving or evaluating:
+                    deferred.restart_clock()
+            read_back_steps()
         checkpointer.close()
         final_eval = _run_eval(cfg, data_cfg, model, ema, env, metrics, step, eval_loader_factory)
         peak_mem = torch.tensor([peak_memory_bytes(env.device)], dtype=torch.float64, device=env.device)
@@ -434,8 +398,17 @@ def train(
             "lr_peak": lr_peak, "flops_per_sample": flops_per_sample, "peak_flops_per_device": peak,
             "peak_flops_source": peak_note, "seconds_blocked_by_checkpoints": blocked_by_save,
             "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], "nonfinite_steps": guard.total,
+            "stand_in_batches": batches.stand_ins, "planned_epochs": batches.planned_epochs,
+            "mesh": dict(zip(env.mesh.mesh_dim_names or (), env.mesh.shape)),
+            "placements": _placements(model),
             **compile_counters(trainer.compile), **final_eval,
         }  # fmt: skip
+
+
+def _placements(model: nn.Module) -> str:
+    """How the first block's first weight is laid out over the mesh (e.g. HSDP: Replicate, Shard(0))."""
+    weight = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    return "" if weight is None else ", ".join(str(p) for p in weight.placements)
 
 
 def _refuse_nonfinite_state(state: TrainState, env: DistEnv, step: int) -> None:

@@ -37,9 +37,11 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int = 512) -> float
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.AdamW:
-    # torch's own choice: multi-tensor (foreach) kernels on CUDA; on CPU the per-tensor loop, whose
-    # temporaries are one tensor's size rather than the whole group's (2 GB less per rank for the 1b model).
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    # Fused: one kernel per tensor, in place (no group-sized temporaries, 2 GB less per rank for the 1b
+    # model than the foreach kernels), on CPU and CUDA; and it honours ``optimizer.found_inf``, a device
+    # flag that skips a non-finite step without a host sync (the step count is left as it was).
+    groups = param_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def lr_schedule(

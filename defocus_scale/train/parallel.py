@@ -35,11 +35,13 @@ class DistEnv:
 
 
 def init_distributed(
-    device: str = "auto", backend: str | None = None, timeout_s: float | None = None
+    device: str = "auto", backend: str | None = None, timeout_s: float | None = None, replicate: int = 1
 ) -> DistEnv:
     """Join the process group torchrun (or Ray Train) describes, creating it if needed; a lone process
     without torchrun's variables becomes a world of one. NCCL on CUDA, gloo on CPU. ``timeout_s``: of the
-    group's collectives, when this creates it."""
+    group's collectives, when this creates it. ``replicate`` > 1 makes the mesh 2-D for HSDP:
+    ``(replicate, world / replicate)``, parameters sharded within a group of consecutive ranks (a node)
+    and replicated across groups, so the per-step all-gathers stay inside a node."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -54,8 +56,34 @@ def init_distributed(
             # child process inheriting them would try to join this process's store)
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                     world_size=1, timeout=timeout)  # fmt: skip
-    mesh = init_device_mesh(target.type, (dist.get_world_size(),))
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, target, mesh)
+    world = dist.get_world_size()
+    if replicate < 1 or world % replicate:
+        raise ValueError(
+            f"trainer.dp_replicate={replicate} does not divide the world of {world} ranks (HSDP needs "
+            "replicate x shard = world)"
+        )
+    if replicate == 1:
+        mesh = init_device_mesh(target.type, (world,), mesh_dim_names=("dp_shard",))
+    else:
+        mesh = init_device_mesh(
+            target.type, (replicate, world // replicate), mesh_dim_names=("dp_replicate", "dp_shard")
+        )
+    _check_backend(target)
+    return DistEnv(dist.get_rank(), world, local_rank, target, mesh)
+
+
+def _check_backend(device: torch.device) -> None:
+    """FSDP's collectives run on the training device: CUDA tensors need NCCL, CPU ones gloo. A mismatch
+    (e.g. a GPU job whose launcher built a gloo group) fails here with the fix, not deep inside FSDP."""
+    backend = str(dist.get_backend()).lower()
+    if device.type == "cuda" and "nccl" not in backend:
+        raise ValueError(
+            f"training on {device} needs an NCCL process group, but the group is {backend!r}: set "
+            "launcher.gpus_per_worker (Ray) or launcher.backend=nccl"
+        )
+    if device.type == "cpu" and backend == "nccl":
+        raise ValueError("training on CPU needs a gloo process group, but the group is NCCL: check "
+                         "trainer.device and launcher.backend")  # fmt: skip
 
 
 def _free_port() -> int:
@@ -76,6 +104,9 @@ def mixed_precision_policy(precision: str, device: torch.device) -> MixedPrecisi
     return MixedPrecisionPolicy()
 
 
+RESHARD_POLICIES = ("default", "always", "never")
+
+
 def shard_model(
     model: TokenClassifier,
     mesh: DeviceMesh,
@@ -83,9 +114,17 @@ def shard_model(
     *,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    reshard_after_forward: str = "default",
 ) -> TokenClassifier:
     """Apply the model's plan in torchtitan's order: activation checkpointing and ``torch.compile`` per
-    block, then FSDP2 per block and at the root.
+    block, then FSDP2 per block, per head, and at the root (patch embedding, tokens, final norm). The
+    heads are units of their own: at 21k classes with MLP heads they hold ~140M parameters, which the
+    root unit would otherwise keep gathered around the whole forward and backward.
+
+    ``reshard_after_forward``: ``default`` frees each block's gathered parameters after its forward
+    except the last block's and the heads' (the backward needs them at once; torchtitan's choice),
+    ``always`` frees all, ``never`` keeps every unit gathered from forward to backward (fewer all-gathers,
+    the memory of the full parameters). A 2-D ``mesh`` gives HSDP (see :func:`init_distributed`).
 
     Precision plan: under a low-precision ``param_dtype`` the family's ``fp32_parameter_names()`` (the
     bandpass and SSM scalars) are left out of FSDP (``ignored_params``): replicated fp32 tensors that the
@@ -98,19 +137,33 @@ def shard_model(
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no .blocks to shard")
+    if reshard_after_forward not in RESHARD_POLICIES:
+        raise ValueError(
+            f"trainer.reshard_after_forward must be one of {RESHARD_POLICIES}; got {reshard_after_forward!r}"
+        )
     low_precision = policy.param_dtype not in (None, torch.float32)
     keep_fp32 = set(model.fp32_parameter_names()) if low_precision else set()
     ignored = {p for name, p in model.named_parameters() if name in keep_fp32}
-    for block in blocks:
+    for index, block in enumerate(blocks):
         forward = block.forward
         if activation_checkpointing:
             forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
         if compile:
             forward = torch.compile(forward)
         block.forward = forward
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True,
+        reshard = reshard_after_forward == "always" or (
+            reshard_after_forward == "default" and index < len(blocks) - 1
+        )
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard,
                     ignored_params={p for p in block.parameters() if p in ignored})  # fmt: skip
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    heads = model.get_classifier()
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        if any(p.requires_grad for p in head.parameters()):
+            fully_shard(head, mesh=mesh, mp_policy=policy,
+                        reshard_after_forward=reshard_after_forward == "always",
+                        ignored_params={p for p in head.parameters() if p in ignored})  # fmt: skip
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored,
+                reshard_after_forward=reshard_after_forward != "never")  # fmt: skip
     return model
 
 
@@ -145,7 +198,9 @@ def materialize(model: nn.Module, device: torch.device, seed: int, rank: int) ->
     """Allocate the (sharded) meta parameters on ``device`` and run the model's own initialisation.
 
     Plain tensors inside ``init_weights`` (e.g. ``A_log``'s table) count as replicated. Random
-    initialisation draws each rank's shard from its own stream so shards differ."""
+    initialisation draws each shard from its own stream so shards differ; ``rank`` is the rank within
+    the shard group, so HSDP's replicas of a shard start equal (DCP saves one replica: replicas that
+    differed would silently become equal at a resume)."""
     model.to_empty(device=device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), implicit_replication():
@@ -170,14 +225,17 @@ def build_sharded_model(
     activation_checkpointing: bool = False,
     compile: bool = False,
     seed: int = 0,
+    reshard_after_forward: str = "default",
 ) -> TokenClassifier:
     """The sharded, initialised model on ``env.device`` (an ``FSDPModule`` as well)."""
     model = build_model(name, overrides)
     policy = mixed_precision_policy(precision, env.device)
     shard_model(
-        model, env.mesh, policy, activation_checkpointing=activation_checkpointing, compile=compile
+        model, env.mesh, policy, activation_checkpointing=activation_checkpointing, compile=compile,
+        reshard_after_forward=reshard_after_forward,
     )
-    materialize(model, env.device, seed, env.rank)
+    shard_rank = env.mesh.get_local_rank("dp_shard") if env.mesh.ndim > 1 else env.rank
+    materialize(model, env.device, seed, shard_rank)
     broadcast_replicated(replicated_parameters(model))
     assert isinstance(model, FSDPModule)
     return model
