@@ -227,3 +227,52 @@ def test_collectives_time_out_as_configured(tmp_path: Path) -> None:
     line = next((x for x in done.stdout.splitlines() if "TIMED OUT" in x), None)
     assert line is not None, done.stdout + done.stderr[-3000:]
     assert float(line.split()[3]) < 15, line
+
+
+class _PlannedLoader:
+    """A loader that promises ``planned`` batches per epoch but yields ``delivered`` (decode failures)."""
+
+    def __init__(self, planned: int | None, delivered: int) -> None:
+        self.planned, self.delivered, self.epoch, self.given = planned, delivered, 0, 0
+
+    def batches_remaining(self) -> int | None:
+        return self.planned
+
+    def batches_with_keys(self):
+        for i in range(self.delivered):
+            self.given += 1
+            yield torch.full((1, 3, 2, 2), float(i)), torch.tensor([i]), [f"e{self.epoch}-{i}"]
+
+    def __iter__(self):
+        return ((x, y) for x, y, _ in self.batches_with_keys())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+@pytest.mark.parametrize(("planned", "delivered"), [(3, 3), (3, 2), (None, 2)])
+def test_lockstep_batches_follow_the_agreed_plan(planned: int | None, delivered: int) -> None:
+    """Planned epochs take exactly the plan; a rank that runs short gets zero-weight stand-ins (its last
+    batch, no keys); without a plan the epoch ends when a rank has no batch."""
+    import torch.distributed as dist
+
+    from defocus_scale.train.batches import LockstepBatches
+    from defocus_scale.train.parallel import init_distributed
+
+    init_distributed("cpu")
+    try:
+        loader = _PlannedLoader(planned, delivered)
+        batches = LockstepBatches(loader, 0, torch.device("cpu"), audit=True)
+        epoch_length = planned if planned is not None else delivered
+        got = [batches.next() for _ in range(epoch_length + 1)]
+        short = epoch_length - delivered
+        assert [b.weight for b in got[:epoch_length]] == [1.0] * delivered + [0.0] * short
+        assert batches.stand_ins == epoch_length - delivered and batches.epoch == 1
+        assert got[-1].keys == ["e1-0"] and got[-1].weight == 1.0  # the next epoch's first batch
+        if epoch_length > delivered:
+            assert got[delivered].keys == [] and torch.equal(got[delivered].images, got[delivered - 1].images)
+        assert batches.consumed == [f"e0-{i}" for i in range(delivered)] + ["e1-0"]
+        assert batches.planned_epochs == (2 if planned is not None else 0)
+        batches.close()
+    finally:
+        dist.destroy_process_group()

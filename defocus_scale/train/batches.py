@@ -32,7 +32,8 @@ class MicroBatch(NamedTuple):
     weight: float  # 1.0; 0.0 for a stand-in that keeps a short rank in step (its loss counts for nothing)
 
 
-def _reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
+def reduce_int(value: int, op: dist.ReduceOp, device: torch.device) -> int:
+    """``value`` reduced over the ranks with ``op`` (MIN, MAX, ...): one all-reduce and one host sync."""
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=op)
     return int(tensor.item())
@@ -76,7 +77,7 @@ class LockstepBatches:
     def _start_epoch(self) -> None:
         remaining = getattr(self.loader, "batches_remaining", None)
         planned = remaining() if callable(remaining) else None
-        agreed = _reduce_int(-1 if planned is None else planned, dist.ReduceOp.MIN, self.device)
+        agreed = reduce_int(-1 if planned is None else planned, dist.ReduceOp.MIN, self.device)
         self._left = agreed if agreed >= 0 else None  # any rank without a plan: all fall back
         self.planned_epochs += self._left is not None
         self._batches = self._iterate()
@@ -105,7 +106,7 @@ class LockstepBatches:
                 self._start_epoch()
             if self._left is None:  # no plan: ask every rank, every micro-batch
                 batch = next(self._batches, None)
-                have = _reduce_int(int(batch is not None), dist.ReduceOp.MIN, self.device)
+                have = reduce_int(int(batch is not None), dist.ReduceOp.MIN, self.device)
                 if have:
                     return self._hand_out(batch)
             elif self._left > 0:

@@ -20,7 +20,7 @@ from defocus_scale.data.config import DataConfig
 from defocus_scale.losses import defocus_loss
 from defocus_scale.models import create_model
 from defocus_scale.schedules import DropPathSchedule
-from defocus_scale.train.batches import LockstepBatches, TrainLoaderLike, close_iterator
+from defocus_scale.train.batches import LockstepBatches, TrainLoaderLike, close_iterator, reduce_int
 from defocus_scale.train.checkpoint import (
     CHECKPOINT_FOLDER,
     Checkpointer,
@@ -92,7 +92,7 @@ def _evaluate_batches(
     while True:
         batch = next(batches, None) if max_batches is None or seen < max_batches else None
         seen += 1
-        if not _any_rank_has(batch is not None, env.device):
+        if not reduce_int(int(batch is not None), dist.ReduceOp.MAX, env.device):
             break
         # Every forward sees one batch shape (the first batch's; the last, short one and the dummy of a
         # rank that ran out are padded), so compiled blocks are not recompiled for eval leftovers.
@@ -114,12 +114,6 @@ def _evaluate_batches(
     count = max(totals[3].item(), 1.0)
     return {"top1": totals[0].item() / count, "top5": totals[1].item() / count,
             "loss": totals[2].item() / count, "images": totals[3].item()}  # fmt: skip
-
-
-def _any_rank_has(flag: bool, device: torch.device) -> bool:
-    have = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(have, op=dist.ReduceOp.MAX)
-    return bool(have.item())
 
 
 def _gather_objects(obj: Any, world_size: int) -> list[Any]:
