@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .config import OrchestrationConfig
 from .launch import LaunchResult, launch
-from .trainer_adapter import check_batch_plans
+from .trainer_adapter import absolute_paths, check_batch_plans
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def prepare_launch(overrides: list[str]) -> PreparedLaunch:
     from defocus_scale.train.preflight import check_run_inputs
 
     launcher_part, trainer_part = split_orchestration(compose_train_config(overrides))
+    for key, path in absolute_paths(trainer_part, os.getcwd()).items():
+        logger.info("%s resolved to %s", key, path)
     checked = to_train_config(trainer_part)  # resolves a copy; the workers resolve their own
     check_run_inputs(checked)  # before any worker: a missing input is not retried as a worker failure
     run_dir = checked.trainer.run_dir.rstrip("/")

@@ -23,10 +23,18 @@ class LauncherConfig:
     max_workers: int | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    max_failures: int = 3  # restarts of the worker group before the job fails
+    # The failure budget: at most max_failures restarts of the worker group within any failure_window_s
+    # seconds (null: over the whole launch). Restarts after a node preemption (Ray reports them) are not
+    # charged to it; max_preemptions caps them apart (-1: no cap).
+    max_failures: int = 3
+    failure_window_s: float | None = 3600.0
+    max_preemptions: int = -1
     backend: str | None = None  # None: nccl with GPUs, else gloo
     # Seconds between Ray Train's worker health polls; lower detects a dead worker sooner.
     health_check_interval_s: float = 2.0
+    # Elastic groups: how often Ray considers growing (or shrinking) a healthy group to the workers the
+    # cluster can give; each resize restarts the group from the newest checkpoint.
+    elastic_resize_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.kind not in LAUNCHERS:
@@ -43,6 +51,10 @@ class LauncherConfig:
             raise ValueError("launcher.min_workers/max_workers (elastic groups) need launcher.kind=ray")
         if self.max_failures < 0:
             raise ValueError(f"launcher.max_failures must be >= 0; got {self.max_failures}")
+        if self.failure_window_s is not None and self.failure_window_s <= 0:
+            raise ValueError(f"launcher.failure_window_s must be > 0 or null; got {self.failure_window_s}")
+        if self.max_preemptions < -1:
+            raise ValueError(f"launcher.max_preemptions must be >= -1; got {self.max_preemptions}")
 
     @property
     def elastic(self) -> bool:
@@ -58,7 +70,9 @@ class ClusterConfig:
     num_cpus: int | None = None  # None: Ray counts the machine's cores
     num_gpus: int | None = None
     object_store_memory: int | None = 128 * 2**20  # small: the trainer moves no data through Ray
-    include_dashboard: bool = False
+    # Ray's state API lives in the dashboard: without it Ray Train's placement-group cleaner cannot tell
+    # whether the run's controller lives (it warns every second and never cleans up after a dead driver).
+    include_dashboard: bool = True
     dashboard_host: str = "127.0.0.1"  # the dashboard, when on, listens on loopback only
 
     def __post_init__(self) -> None:

@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ClusterConfig, OrchestrationConfig
-from .recovery import FOLDER, FailureNote, RestartRecord, read_restart_records, write_failure_note
+from .config import ClusterConfig, LauncherConfig, OrchestrationConfig
+from .recovery import (
+    FOLDER,
+    PREEMPTION,
+    FailureNote,
+    RestartRecord,
+    is_preemption,
+    read_restart_records,
+    write_failure_note,
+)
 from .storage import RunStorage
 from .trainer_adapter import TRAINER_ENTRY
 from .worker import FATAL_KEY, WorkerJob, ray_train_loop, result_name
@@ -79,9 +89,27 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
             log_to_driver=True,
         )
     try:
+        if cluster.include_dashboard:
+            _wait_for_dashboard()
         yield
     finally:
         ray.shutdown()
+
+
+def _wait_for_dashboard(timeout_s: float = 60.0) -> None:
+    """Until the new instance's dashboard has registered its address: Ray Train's placement-group cleaner
+    starts with the run and, if the state API's address is not there yet, its monitor thread dies (a
+    traceback on the console, and no clean-up after a dead driver)."""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                        namespace=ray_constants.KV_NAMESPACE_DASHBOARD):  # fmt: skip
+            return
+        time.sleep(0.2)
+    logger.warning("Ray's dashboard did not come up within %.0f s: no state API", timeout_s)
 
 
 def _recovery_callback(run_dir: str):
@@ -93,8 +121,13 @@ def _recovery_callback(run_dir: str):
             storage = RunStorage(run_dir)
             for rank, error in sorted(worker_exceptions.items()):
                 cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                note = FailureNote(time.time(), cause[:500], "ray-controller", rank=rank)
-                write_failure_note(storage, note)
+                source = PREEMPTION if is_preemption(error) else "ray-controller"
+                note = FailureNote(time.time(), cause[:500], source, rank=rank)
+                try:
+                    write_failure_note(storage, note)
+                except Exception:  # noqa: BLE001 -- a note must never mask the failure (full disk...)
+                    logging.getLogger(__name__).warning("could not record %s in %s", cause, run_dir,
+                                                        exc_info=True)  # fmt: skip
 
     return RecoveryCallback()
 
@@ -104,6 +137,7 @@ def _launch_ray(job: WorkerJob) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from defocus_scale.train.config import collective_timeout_s
+    from defocus_scale.train.parallel import flight_recorder_env
 
     orch = job.orchestration
     launcher = orch.launcher
@@ -120,13 +154,18 @@ def _launch_ray(job: WorkerJob) -> None:
             backend=launcher.backend, timeout_s=int(collective_timeout_s(job.trainer_cfg))
         ),
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=launcher.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=workers, use_gpu=launcher.gpus_per_worker > 0, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=launcher.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=orch.run_name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=launcher.max_failures),
+            failure_config=FailureConfig(
+                max_failures=_ray_max_failures(launcher), max_preemption_failures=launcher.max_preemptions
+            ),
             callbacks=[_recovery_callback(orch.run_dir)],
+            # Set before Ray Train's worker builds the (NCCL) group: a timed-out collective dumps its trace.
+            worker_runtime_env={"env_vars": flight_recorder_env(orch.run_dir)},
         ),
     )
     with ray_session(orch.cluster):
@@ -138,6 +177,15 @@ def _launch_ray(job: WorkerJob) -> None:
             raise RuntimeError(_ray_failure_message(exc, launcher.max_failures)) from None
     if result.error is not None:  # Ray Train v1 reports the failure here instead of raising
         raise RuntimeError(_ray_failure_message(result.error, launcher.max_failures))
+
+
+def _ray_max_failures(launcher: LauncherConfig) -> int:
+    """Ray's own budget is a count over the whole run. Under a time window the workers enforce the budget
+    at every start (``recovery.spend_failure_budget``), so Ray is told to keep restarting (-1); with no
+    window, or no restarts at all, Ray's count is the same rule and saves a start."""
+    if launcher.failure_window_s is None or launcher.max_failures == 0:
+        return launcher.max_failures
+    return -1
 
 
 def _ray_failure_message(exc: BaseException, max_failures: int) -> str:
@@ -159,6 +207,20 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:1000]
 
 
+def _terminate_with_parent() -> None:
+    """In the forked child before exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _torchrun_max_restarts(launcher: LauncherConfig) -> int:
+    """torchrun counts restarts over the whole run, like Ray; under a window the workers decide (a large
+    count stands in for unlimited)."""
+    return _ray_max_failures(launcher) if _ray_max_failures(launcher) >= 0 else 1_000_000
+
+
 def _launch_torchrun(job: WorkerJob) -> None:
     launcher = job.orchestration.launcher
     with tempfile.TemporaryDirectory(prefix="defocus-launch-") as folder:
@@ -167,10 +229,14 @@ def _launch_torchrun(job: WorkerJob) -> None:
             pickle.dump(job, handle)
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={launcher.num_workers}", f"--max-restarts={launcher.max_failures}",
+            f"--nproc-per-node={launcher.num_workers}", f"--max-restarts={_torchrun_max_restarts(launcher)}",
             "-m", "defocus_scale.orchestration.worker", job_file,
         ]  # fmt: skip
-        completed = subprocess.run(command, check=False)
+        from defocus_scale.train.parallel import flight_recorder_env
+
+        env = {**flight_recorder_env(job.orchestration.run_dir), **os.environ}  # the user's settings win
+        # torchrun's agent gets SIGTERM (and stops its workers) if this driver dies: no orphaned job.
+        completed = subprocess.run(command, check=False, env=env, preexec_fn=_terminate_with_parent)
     if completed.returncode != 0:
         raise RuntimeError(f"torchrun exited with status {completed.returncode}: {' '.join(command)}")
 
@@ -180,7 +246,8 @@ def launch(
 ) -> LaunchResult:
     """Train with ``trainer_cfg`` under ``orchestration``; returns rank 0's summary and the restarts."""
     spec, extra_path = entry_spec(entry)
-    job = WorkerJob(spec, trainer_cfg, orchestration, uuid.uuid4().hex[:12], extra_path)
+    driver = (socket.gethostname(), os.getpid())
+    job = WorkerJob(spec, trainer_cfg, orchestration, uuid.uuid4().hex[:12], extra_path, driver)
     start = time.perf_counter()
     if orchestration.launcher.kind == "ray":
         _launch_ray(job)

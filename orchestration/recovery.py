@@ -32,6 +32,8 @@ FOLDER = "orchestration"
 FAILURES = "failures"
 PROGRESS = "progress.json"
 RESTARTS = "restarts.parquet"
+ATTEMPTS = "attempts.parquet"
+PREEMPTION = "preemption"  # the source of a failure note for a worker lost to a node preemption
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,69 @@ class RestartRecord:
     recovery_s: float  # death to the first completed step after resume
     world_size_before: int
     world_size_after: int
+
+
+ATTEMPT_KINDS = ("start", "failure", "preemption", "resize")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One start of a launch's worker group (rank 0 records it before the trainer runs)."""
+
+    launch_id: str
+    time: float  # unix seconds
+    world_size: int
+    # Why the group (re)started: "start" (the launch's first), "failure" (charged to the failure budget),
+    # "preemption" (a node was preempted; counted apart) or "resize" (an elastic group grown or shrunk by
+    # Ray with no worker failing: no failure note).
+    kind: str
+
+
+def is_preemption(error: BaseException) -> bool:
+    """Whether Ray reports a worker's death as a node preemption: a dead actor (possibly wrapped in a failed
+    health check) whose ``preempted`` flag is set."""
+    error = getattr(error, "health_check_failure", None) or error
+    return bool(getattr(error, "preempted", False))
+
+
+def spend_failure_budget(
+    storage: RunStorage, *, launch_id: str, world_size: int, max_failures: int, window_s: float | None,
+    silent_restarts_failed: bool, now: float | None = None,
+) -> tuple[str, str | None]:  # fmt: skip
+    """Record this start of the worker group and charge the failure before it, if any, to the budget:
+    at most ``max_failures`` failures within any ``window_s`` seconds (None: in the whole launch).
+
+    A restart is a preemption when a failure note says so (Ray's controller notes every worker it loses),
+    a failure when any other note exists, and, with no note at all, a failure if ``silent_restarts_failed``
+    (torchrun restarts only on failure) else a resize (Ray's elastic groups restart to change size).
+    Returns the kind of this start and why the launch must stop (or None). Called once per start, by
+    rank 0, before the trainer."""
+    now = time.time() if now is None else now
+    earlier = [Attempt(**row) for row in storage.read_rows(FOLDER, ATTEMPTS) if row["launch_id"] == launch_id]
+    notes = [note for _, note in read_failure_notes(storage)]
+    if not earlier:
+        kind = "start"
+    elif any(n.source == PREEMPTION for n in notes):
+        kind = "preemption"
+    elif notes or silent_restarts_failed:
+        kind = "failure"
+    else:
+        kind = "resize"
+    attempt = Attempt(launch_id, now, world_size, kind)
+    storage.append_rows([asdict(attempt)], FOLDER, ATTEMPTS)
+    charged = [a for a in [*earlier, attempt]
+               if a.kind == "failure" and (window_s is None or a.time > now - window_s)]  # fmt: skip
+    if kind != "failure" or len(charged) <= max_failures:
+        return kind, None
+    span = "in this launch" if window_s is None else f"within {window_s:.0f} s (launcher.failure_window_s)"
+    causes = "; ".join(dict.fromkeys(f"{n.source}: {n.cause}" for n in notes))
+    last = causes or "the worker group died without a note (node loss or a killed process)"
+    return kind, (f"failure budget spent: {len(charged)} failures {span}, launcher.max_failures="
+                  f"{max_failures}; the last: {last}")
+
+
+def read_attempts(run_dir: str) -> list[Attempt]:
+    return [Attempt(**row) for row in RunStorage(run_dir).read_rows(FOLDER, ATTEMPTS)]
 
 
 def write_failure_note(storage: RunStorage, note: FailureNote) -> None:
@@ -133,8 +198,11 @@ class RecoveryTracker:
     """Lives in every worker; only rank 0 writes. Call ``on_resume`` once, then ``on_step_end`` per step,
     and ``close`` at the end (``flush`` before a deliberate kill, so the record shows the last step)."""
 
-    def __init__(self, storage: RunStorage, *, rank: int, world_size: int, launch_id: str) -> None:
+    def __init__(
+        self, storage: RunStorage, *, rank: int, world_size: int, launch_id: str, start_kind: str = "start"
+    ) -> None:
         self.storage, self.rank, self.world_size, self.launch_id = storage, rank, world_size, launch_id
+        self.start_kind = start_kind  # this start's Attempt.kind (a resize restarts without a failure)
         self.resumed_step: int | None = None
         self._first_step_pending = False
         self._progress = WriteBehind(
@@ -180,6 +248,8 @@ class RecoveryTracker:
             failed_at = min(note.time for _, note in notes)
             causes = list(dict.fromkeys(f"{note.source}: {note.cause}" for _, note in notes))
             cause = "; ".join(causes)
+        elif self.start_kind == "resize":  # no failure: Ray restarted an elastic group to change its size
+            failed_at, cause = float(progress["time"]), "elastic resize by Ray (no failure)"
         else:  # died without a word (torchrun restart, node loss): the last sign of life bounds the death
             failed_at, cause = float(progress["time"]), "worker group restarted (no failure note)"
         resumed = self.resumed_step if self.resumed_step is not None else 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -37,6 +38,9 @@ MAX_MICRO_BATCH_KEY = "trainer.max_micro_batch"
 BATCH_ROUNDING_KEY = "trainer.global_batch_rounding"
 MICRO_BATCH_KEY = "data.batch_size"  # per rank, per forward pass (DataConfig.batch_size)
 ACCUMULATION_KEY = "trainer.grad_accum_steps"
+# Keys holding paths the workers open: a relative one would be resolved against each worker's own working
+# directory (Ray's is a per-session folder), so the driver makes them absolute.
+PATH_KEYS = ("data.source", "data.eval_source", "trainer.init_from", RUN_DIR_KEY)
 
 
 class TrainingHooks(Protocol):
@@ -95,6 +99,24 @@ def prepare_trainer_config(
     _set(cfg, MICRO_BATCH_KEY, plan.micro_batch)
     _set(cfg, ACCUMULATION_KEY, plan.accumulation)
     return cfg, plan
+
+
+def absolute_paths(trainer_cfg: dict, base: str) -> dict[str, str]:
+    """Make every relative local path under :data:`PATH_KEYS` absolute against ``base`` (the driver's
+    working directory), in place; URLs, absolute paths and interpolations (``${...}``, resolved later from
+    values that are themselves made absolute) are left as they are. Returns {key: new value}."""
+    changed = {}
+    for key in PATH_KEYS:
+        value = _get(trainer_cfg, key)
+        if not isinstance(value, str) or not value or "://" in value or "${" in value:
+            continue
+        if not os.path.isabs(os.path.expanduser(value)):
+            changed[key] = os.path.normpath(os.path.join(base, value))
+            _set(trainer_cfg, key, changed[key])
+        elif value.startswith("~"):
+            changed[key] = os.path.expanduser(value)
+            _set(trainer_cfg, key, changed[key])
+    return changed
 
 
 def check_batch_plans(trainer_cfg: dict, world_sizes: range | list[int]) -> list[BatchPlan]:

@@ -11,7 +11,10 @@ import datetime
 import logging
 import os
 import pickle
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,7 @@ import torch.distributed as dist
 
 from .config import OrchestrationConfig
 from .faults import FaultInjector
-from .recovery import FOLDER, FailureNote, RecoveryTracker, write_failure_note
+from .recovery import FOLDER, FailureNote, RecoveryTracker, spend_failure_budget, write_failure_note
 from .storage import RunStorage
 from .trainer_adapter import newest_complete_checkpoint, prepare_trainer_config, resolve_entry
 
@@ -37,6 +40,33 @@ class WorkerJob:
     orchestration: OrchestrationConfig
     launch_id: str
     extra_sys_path: list[str] = field(default_factory=list)  # the entry module's folder, if not installed
+    driver: tuple[str, int] | None = None  # (host name, pid) of the launching process
+
+
+def watch_driver(driver: tuple[str, int] | None, *, interval_s: float = 1.0) -> threading.Thread | None:
+    """Stop this worker soon after the launching driver dies (Ray's clean-up of a dead driver's job takes
+    a minute or more, in which the workers would go on training and saving). Only where the driver runs
+    on this host, so that its pid can be checked; a daemon thread polls it and sends this process SIGTERM
+    (the committed checkpoints stay valid; a save in flight stays uncommitted and is skipped)."""
+    if driver is None or driver[0] != socket.gethostname() or driver[1] == os.getpid():
+        return None
+    host, pid = driver
+
+    def poll() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.error("the driver (pid %d on %s) is gone: stopping this worker", pid, host)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:  # alive, another user's (a reused pid would be too)
+                pass
+
+    thread = threading.Thread(target=poll, name="driver-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 FATAL_KEY = "fatal_error"  # in a launch's result: the trainer stopped on a non-retryable error
@@ -49,9 +79,12 @@ def result_name(launch_id: str) -> str:
 class OrchestrationHooks:
     """The trainer's hooks: guard the loss, record progress and restarts, then inject planned faults."""
 
-    def __init__(self, storage: RunStorage, job: WorkerJob, *, rank: int, world_size: int) -> None:
+    def __init__(
+        self, storage: RunStorage, job: WorkerJob, *, rank: int, world_size: int, start_kind: str = "start"
+    ) -> None:
         self.storage, self.rank = storage, rank
-        self.tracker = RecoveryTracker(storage, rank=rank, world_size=world_size, launch_id=job.launch_id)
+        self.tracker = RecoveryTracker(storage, rank=rank, world_size=world_size, launch_id=job.launch_id,
+                                       start_kind=start_kind)  # fmt: skip
         faults = job.orchestration.faults
         self.injector = FaultInjector(
             faults, storage, rank=rank, launch_id=job.launch_id,
@@ -78,27 +111,50 @@ def run_worker(job: WorkerJob) -> dict[str, Any]:
     for path in job.extra_sys_path:
         if path not in sys.path:
             sys.path.insert(0, path)
+    from defocus_scale.train.parallel import prepare_flight_recorder
+
+    watch_driver(job.driver)
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    prepare_flight_recorder(job.orchestration.run_dir)  # the dump folder; the group read the variables
     storage = RunStorage(job.orchestration.run_dir)
     run_dir = job.orchestration.run_dir
     cfg, plan = prepare_trainer_config(job.trainer_cfg, run_dir=run_dir, world_size=world_size)
     if plan is not None and rank == 0:
         logger.info("global batch %d = %d workers x %d micro-batch x %d accumulation steps",
                     plan.global_batch, world_size, plan.micro_batch, plan.accumulation)
-    hooks = OrchestrationHooks(storage, job, rank=rank, world_size=world_size)
+    launcher = job.orchestration.launcher
+    decided: list[tuple[str, str | None]] = [("start", None)]
+    if rank == 0:
+        decided[0] = spend_failure_budget(storage, launch_id=job.launch_id, world_size=world_size,
+                                       max_failures=launcher.max_failures, window_s=launcher.failure_window_s,
+                                       silent_restarts_failed=launcher.kind != "ray")  # fmt: skip
+    dist.broadcast_object_list(decided, src=0)
+    start_kind, stop = decided[0]
+    if stop is not None:  # ends the launch without another restart, with the budget's message
+        if rank == 0:
+            logger.error("%s", stop)
+            stopped = {FATAL_KEY: stop, "world_size": world_size}
+            storage.write_json(stopped, FOLDER, result_name(job.launch_id))
+        return {FATAL_KEY: stop}
+    hooks = OrchestrationHooks(storage, job, rank=rank, world_size=world_size, start_kind=start_kind)
     try:
         result = dict(resolve_entry(job.entry)(cfg, hooks) or {})
     except Exception as exc:
         from defocus_scale.train.cli import worth_a_restart
 
-        if worth_a_restart(exc):
+        cause, retry = f"{type(exc).__name__}: {exc}", worth_a_restart(exc)
+        # The restart record and the failure budget's message name it. A non-retryable error is raised
+        # alike on every rank (the trainer decides on all-reduced figures): rank 0 notes it.
+        if retry or rank == 0:
+            try:
+                write_failure_note(storage, FailureNote(time.time(), cause[:2000], "trainer", rank=rank))
+            except Exception:  # noqa: BLE001 -- the note must never replace the error itself
+                logger.warning("could not record the failure in %s", storage.root, exc_info=True)
+        if retry:
             raise
         # A failure a restart would only replay (a non-finite streak, a missing input, a bad config): end
         # this launch without a retry.
-        # Every rank raises it (the trainer decides on all-reduced figures); rank 0 records why.
-        note = FailureNote(time.time(), str(exc)[:2000], "trainer", rank=rank)
-        write_failure_note(storage, note)
-        result = {FATAL_KEY: f"{type(exc).__name__}: {exc}"}
+        result = {FATAL_KEY: cause}
     finally:
         hooks.close()  # the last progress record is written (a few seconds at most)
     if rank == 0:

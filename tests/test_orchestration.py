@@ -342,6 +342,24 @@ def test_missing_inputs_are_named_before_any_worker_starts(shards, tmp_path) -> 
         prepare_launch([*base, f"trainer.init_from={tmp_path / 'nothing.safetensors'}"])
 
 
+def test_relative_paths_are_made_absolute_on_the_driver(shards, tmp_path, monkeypatch) -> None:
+    """Ray's workers run in a per-session working directory: relative data, run and init paths are
+    resolved against the driver's before launch; URLs and interpolations are left alone."""
+    from defocus_scale.orchestration.cli import prepare_launch
+    from defocus_scale.orchestration.trainer_adapter import absolute_paths
+
+    monkeypatch.chdir(shards.parent)
+    prepared = prepare_launch(["~synthetic_data", f"data.source={shards.name}", "data.eval_source=null",
+                               "trainer.run_dir=runs/relative"])  # fmt: skip
+    assert prepared.trainer_cfg["data"]["source"] == str(shards)
+    assert prepared.trainer_cfg["trainer"]["run_dir"] == str(shards.parent / "runs" / "relative")
+    assert prepared.orchestration.run_dir == str(shards.parent / "runs" / "relative")
+    cfg = {"data": {"source": "s3://bucket/train", "eval_source": "${trainer.run_dir}/val"},
+           "trainer": {"init_from": "../w.safetensors", "run_dir": "/abs"}}  # fmt: skip
+    assert absolute_paths(cfg, "/base/dir") == {"trainer.init_from": "/base/w.safetensors"}
+    assert cfg["data"] == {"source": "s3://bucket/train", "eval_source": "${trainer.run_dir}/val"}
+
+
 @pytest.mark.distributed
 def test_missing_data_in_the_workers_is_not_retried(shards, tmp_path) -> None:
     """Past the driver's check (a launch through the API), a worker's missing-input error ends the launch
@@ -355,6 +373,102 @@ def test_missing_data_in_the_workers_is_not_retried(shards, tmp_path) -> None:
     with pytest.raises(RuntimeError, match=r"not retried.*FileNotFoundError.*misspelt"):
         launch(orchestration, cfg)
     assert read_restart_records(orchestration.run_dir) == []
+
+
+def environment_entry(cfg, hooks) -> dict:
+    """A trainer entry reporting the flight recorder's settings as the worker sees them."""
+    prefix = os.environ.get("TORCH_FR_DUMP_TEMP_FILE", "")
+    return {"prefix": prefix, "folder_exists": os.path.isdir(os.path.dirname(prefix)),
+            "dump_on_timeout": os.environ.get("TORCH_NCCL_DUMP_ON_TIMEOUT")}  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_ray_workers_get_the_flight_recorder_settings(ray_local, shards, tmp_path) -> None:
+    from defocus_scale.orchestration.launch import launch
+
+    orchestration = _orchestration(tmp_path, workers=1)
+    summary = launch(orchestration, _trainer_cfg(shards), entry=environment_entry).summary
+    assert summary["prefix"] == os.path.join(orchestration.run_dir, "flight_recorder", "rank_"), summary
+    assert summary["folder_exists"] and summary["dump_on_timeout"] == "1"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["ray", "torchrun"])
+def test_a_killed_driver_stops_its_workers_promptly(tmp_path, kind) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = Path(__file__).parent / "dist_scripts" / "dead_driver.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "driver.log", "wb")  # noqa: SIM115 -- closed in the finally below
+    driver = subprocess.Popen([sys.executable, str(script), kind, str(tmp_path)], env=env, cwd=tmp_path,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    pids_folder = tmp_path / "run" / "pids"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and len(list(pids_folder.glob("*"))) < 2 and driver.poll() is None:
+            time.sleep(0.5)
+        workers = [int(p.name) for p in pids_folder.glob("*")]
+        assert len(workers) == 2, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(2)  # training is under way
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        killed = time.monotonic()
+        while any(_alive(pid) for pid in workers) and time.monotonic() - killed < 60:
+            time.sleep(0.2)
+        outlived = time.monotonic() - killed
+        assert not any(_alive(pid) for pid in workers), f"workers alive {outlived:.0f} s after the driver"
+        assert outlived < 15, outlived
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # what is left of the driver's session (Ray's processes)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["elastic", "fixed"])
+def test_node_loss_on_a_multi_node_cluster(shards, tmp_path, mode) -> None:
+    """A 3-node Ray cluster on this machine (``tests/dist_scripts/node_loss.py``), one worker node killed
+    at step 6 of a 4-epoch job. Elastic (1..2 workers): the group goes on with 1 worker, then grows back
+    to 2 when a node returns (a resize, not charged to the failure budget). Fixed: the group restarts on 2
+    workers once a replacement node is up. Either way every sample is consumed once per epoch."""
+    import subprocess
+    import sys
+
+    cfg = _trainer_cfg(shards)
+    cfg["trainer"]["max_steps"] = 4 * STEPS
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    script = Path(__file__).parent / "dist_scripts" / "node_loss.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), mode, str(tmp_path), str(tmp_path / "cfg.json")],
+                          env=env, cwd=script.parent, capture_output=True, text=True,
+                          timeout=420)  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("{")), None)
+    assert done.returncode == 0 and line is not None, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads(line)
+    assert report["summary"]["final_step"] == 4 * STEPS and report["summary"]["global_batch"] == GLOBAL_BATCH
+    assert report["consumed"] == {key: 4 for key in _all_keys(shards)}
+    kinds = [(a["kind"], a["world_size"]) for a in report["attempts"]]
+    first = report["restarts"][0]
+    assert first["world_size_before"] == 2 and first["last_step"] >= 6 and first["steps_lost"] <= 2
+    if mode == "elastic":
+        assert kinds == [("start", 2), ("failure", 1), ("resize", 2)], kinds
+        assert report["restarts"][1]["cause"] == "elastic resize by Ray (no failure)"
+    else:
+        assert kinds == [("start", 2), ("failure", 2)], kinds
+    assert report["summary"]["world_size"] == 2
 
 
 def failing_entry(cfg, hooks) -> dict:
@@ -377,6 +491,70 @@ def test_ray_failure_is_one_message_naming_the_workers_error(ray_local, shards, 
     message = str(failure.value)
     assert "max_failures=0" in message and "RuntimeError: boom from the entry" in message, message
     assert "Traceback" not in message and failure.value.__cause__ is None
+
+
+@pytest.mark.distributed
+def test_failure_budget_per_window_ends_a_crash_loop(ray_local, shards, tmp_path) -> None:
+    """Under a time window Ray is told to restart without limit; the workers' budget ends the launch at
+    the start after the (max_failures + 1)-th failure, with the worker's own error in the message."""
+    import dataclasses
+
+    from defocus_scale.orchestration.launch import launch
+    from defocus_scale.orchestration.recovery import read_attempts
+
+    orchestration = _orchestration(tmp_path)
+    launcher = dataclasses.replace(orchestration.launcher, max_failures=1, failure_window_s=600.0)
+    orchestration = dataclasses.replace(orchestration, launcher=launcher)
+    with pytest.raises(RuntimeError) as failure:
+        launch(orchestration, _trainer_cfg(shards), entry=failing_entry)
+    message = str(failure.value)
+    assert "failure budget spent: 2 failures within 600 s" in message, message
+    assert "launcher.max_failures=1" in message and "RuntimeError: boom from the entry" in message, message
+    assert [a.kind for a in read_attempts(orchestration.run_dir)] == ["start", "failure", "failure"]
+
+
+def test_failure_budget_counts_failures_in_the_window_only(tmp_path: Path) -> None:
+    from defocus_scale.orchestration.recovery import (
+        FAILURES,
+        FOLDER,
+        PREEMPTION,
+        read_attempts,
+        spend_failure_budget,
+    )
+
+    storage = RunStorage(str(tmp_path))
+
+    def start(at: float, note: str | None = None, *, silent_failed: bool = False) -> str | None:
+        for name in storage.list_files(FOLDER, FAILURES):  # the tracker clears notes once recovered
+            storage.delete(FOLDER, FAILURES, name)
+        if note is not None:
+            write_failure_note(storage, FailureNote(at - 1, f"{note} cause", note, rank=0))
+        return spend_failure_budget(storage, launch_id="L", world_size=2, max_failures=2, window_s=1000.0,
+                                    silent_restarts_failed=silent_failed, now=at)[1]  # fmt: skip
+
+    assert start(0) is None
+    assert start(100, "trainer") is None and start(200, "ray-controller") is None  # 2 failures: allowed
+    assert start(300, PREEMPTION) is None and start(400) is None  # a preemption, a resize: not charged
+    assert start(1500, "trainer") is None  # 100 and 200 are out of the window by now
+    assert start(1600, "trainer") is None
+    stopped = start(1700, None, silent_failed=True)  # torchrun: a restart without a note is a failure
+    assert stopped is not None and "3 failures within 1000 s" in stopped and "without a note" in stopped
+    kinds = [a.kind for a in read_attempts(str(tmp_path))]
+    assert kinds == ["start", "failure", "failure", "preemption", "resize", "failure", "failure", "failure"]
+
+
+def test_preemption_is_read_from_rays_error() -> None:
+    from defocus_scale.orchestration.recovery import is_preemption
+
+    class ActorDied(Exception):
+        preempted = True
+
+    class HealthCheckFailed(Exception):
+        def __init__(self, inner: Exception) -> None:
+            self.health_check_failure = inner
+
+    assert is_preemption(ActorDied()) and is_preemption(HealthCheckFailed(ActorDied()))
+    assert not is_preemption(RuntimeError("boom")) and not is_preemption(HealthCheckFailed(RuntimeError()))
 
 
 def test_trainer_entry_resolves() -> None:

@@ -100,21 +100,6 @@ def _fork_and_terminate_under_a_guard() -> None:
         assert guard.signum is None
 
 
-@pytest.fixture
-def world_of_one():
-    """A gloo process group of this process alone (torchrun's variables are not needed)."""
-    import torch.distributed as dist
-
-    from defocus_scale.train.parallel import _free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_abandoned_checkpointer_still_commits_a_finished_save(world_of_one, tmp_path: Path) -> None:
     import torch
     import torch.distributed as dist
@@ -148,12 +133,14 @@ def test_wait_with_timeout_leaves_an_unfinished_save_pending() -> None:
         def close(self) -> None:
             Stager.closed = True
 
-    checkpointer._pending = _PendingSave(7, Future(), Stager())
+    checkpointer._stager = Stager()
+    checkpointer._pending = _PendingSave(7, Future())
     with pytest.raises(TimeoutError):
         checkpointer.wait(timeout=0.05)
     assert checkpointer._pending is not None and not Stager.closed
     checkpointer.close(abandon=True, timeout=0.05)  # gives up on it without raising
     assert checkpointer._pending is None
+    assert not Stager.closed  # the abandoned write may still be reading the stager's buffers
 
 
 def test_metrics_writer_close_is_idempotent_and_closes_tensorboard(tmp_path: Path) -> None:

@@ -196,8 +196,11 @@ def test_state_is_small_and_rejects_foreign_states(shard_dir: Path, tmp_path: Pa
     other = open_stream(write_shards(tmp_path / "other", sizes=(3, 3)), rank=0, world_size=1, seed=0)
     with pytest.raises(ValueError, match="another shard list"):
         other.load_state_dict([state, {**state, "rank": 1}])
-    with pytest.raises(ValueError, match="all ranks"):
-        stream.load_state_dict([state])
+    with pytest.raises(ValueError, match="all ranks"):  # another rank's state alone is not enough
+        stream.load_state_dict([{**state, "rank": 1}])
+    again = open_stream(shard_dir, rank=0, world_size=2, seed=0, **_options(True))
+    again.load_state_dict([state])  # this rank's own, at an unchanged world size: what a checkpoint gives it
+    assert again.state_dict() == state
 
 
 def _truncate(path: str) -> None:

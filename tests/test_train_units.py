@@ -209,8 +209,10 @@ def test_entry_config_replaces_the_default_model() -> None:
     assert merged.model.overrides == {"depth": 2}
 
 
-def test_collectives_time_out_as_configured(tmp_path: Path) -> None:
-    """``trainer.collective_timeout_s`` reaches the process group: a peer that never joins fails the
+@pytest.mark.parametrize("mode", ["init", "after-first-step"])
+def test_collectives_time_out_as_configured(tmp_path: Path, mode: str) -> None:
+    """``trainer.collective_timeout_s`` reaches the process group, and the shorter
+    ``step_collective_timeout_s`` replaces it after the first step: a peer that never joins fails the
     collective in seconds."""
     import subprocess
     import sys
@@ -221,8 +223,8 @@ def test_collectives_time_out_as_configured(tmp_path: Path) -> None:
     assert collective_timeout_s({"trainer": {"collective_timeout_s": 30}}) == 30.0
     script = Path(__file__).parent / "dist_scripts" / "collective_timeout.py"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         mode], capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     line = next((x for x in done.stdout.splitlines() if "TIMED OUT" in x), None)
     assert line is not None, done.stdout + done.stderr[-3000:]
@@ -276,3 +278,15 @@ def test_lockstep_batches_follow_the_agreed_plan(planned: int | None, delivered:
         batches.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_flight_recorder_dumps_beside_the_run_or_in_the_node_temp_dir(tmp_path: Path) -> None:
+    import tempfile
+
+    from defocus_scale.train.parallel import flight_recorder_env
+
+    local = flight_recorder_env(str(tmp_path / "run"))
+    assert local["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "run" / "flight_recorder" / "rank_")
+    assert local["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(local["TORCH_FR_BUFFER_SIZE"]) > 0
+    remote = flight_recorder_env("s3://bucket/runs/mamba-b")["TORCH_FR_DUMP_TEMP_FILE"]
+    assert remote == str(Path(tempfile.gettempdir()) / "defocus-flight-recorder" / "mamba-b" / "rank_")

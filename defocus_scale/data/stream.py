@@ -553,14 +553,18 @@ class ShardStream:
         }
 
     def load_state_dict(self, states: Sequence[dict]) -> None:
-        """Restore this rank from the states of all ranks of the old run (any old world size)."""
+        """Restore this rank from the states of all ranks of the old run (any old world size), or from this
+        rank's own state alone when the world size is unchanged (what a checkpoint gives each rank then)."""
         states = sorted(states, key=lambda s: s.get("rank", -1))
         if not states or any(s.get("format") != STATE_FORMAT for s in states):
             raise ValueError(f"load_state_dict expects a non-empty list of {STATE_FORMAT!r} states")
         old_world = states[0]["world_size"]
-        if [s["rank"] for s in states] != list(range(old_world)) or {s["world_size"] for s in states} != {
-            old_world
-        }:
+        own = (len(states) == 1 and old_world == self.world_size and states[0]["rank"] == self.rank
+               and len(states[0]["substreams"]) == self.num_substreams)  # fmt: skip
+        if not own and (
+            [s["rank"] for s in states] != list(range(old_world))
+            or {s["world_size"] for s in states} != {old_world}
+        ):
             raise ValueError(f"need the states of all ranks 0..{old_world - 1} of the old run exactly once, "
                              f"got ranks {[s['rank'] for s in states]}")
         if {s["epoch"] for s in states} != {states[0]["epoch"]}:
@@ -574,6 +578,9 @@ class ShardStream:
                 )
         self.epoch = states[0]["epoch"]
         self._live = [None] * self.num_substreams
+        if own:
+            self._substreams = copy.deepcopy(states[0]["substreams"])
+            return
         if old_world == self.world_size and all(len(s["substreams"]) == self.num_substreams for s in states):
             self._substreams = copy.deepcopy(states[self.rank]["substreams"])
             return

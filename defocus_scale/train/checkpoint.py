@@ -1,10 +1,16 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint``: async save, commit marker, keep-last-k,
 automatic resume from the newest complete checkpoint, partial or damaged ones reported and skipped.
 
-Layout under ``<run_dir>/checkpoints/step_<step>/``: DCP's shard files and ``.metadata``, then
-``trainer_state.json`` (step, epoch, RNG and data-stream states of every rank, the resolved config) and,
-last, ``COMMITTED.json`` listing every file with its size. Only a folder whose marker exists and whose
-files all match it counts; truncation or a missing shard is caught before DCP reads a byte."""
+Layout under ``<run_dir>/checkpoints/step_<step>/``: DCP's shard files and ``.metadata``,
+``trainer_state.json`` (step, epoch, run id, world size, the resolved config; written by rank 0),
+``rank_states/rank_<r>.json`` (rank r's data-stream and RNG states, written and, at an unchanged world size,
+read by rank r alone) and, last, ``COMMITTED.json`` listing every file with its size. Only a folder whose
+marker exists and whose files all match it (and DCP's own metadata) counts; truncation or a missing shard is
+caught before DCP reads a byte.
+
+Every checkpoint carries its run's id: a fresh run draws one, a resume continues the id of the checkpoint it
+loads. Pruning only ever removes the run's own checkpoints, and a run directory holding complete checkpoints
+of two runs is refused rather than resumed from whichever is newer."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = "checkpoints"  # the orchestration's trainer_adapter.CHECKPOINT_FOLDER
 COMMIT_MARKER = "COMMITTED.json"
 TRAINER_STATE = "trainer_state.json"
+RANK_STATES = "rank_states"
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")
 
 
@@ -75,6 +83,20 @@ def step_folder(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def rank_state_name(rank: int) -> str:
+    """A rank's own state file inside a checkpoint folder."""
+    return f"{RANK_STATES}/rank_{rank:05d}.json"
+
+
+def _missing_rank_states(trainer_state: dict[str, Any], files: dict[str, int] | set[str]) -> list[str]:
+    """The rank state files a checkpoint written by ``trainer_state["world_size"]`` ranks lacks (none for
+    the older format that kept every rank's state inside ``trainer_state.json``)."""
+    if "loader_states" in trainer_state or "world_size" not in trainer_state:
+        return []
+    names = (rank_state_name(r) for r in range(int(trainer_state["world_size"])))
+    return [name for name in names if name not in files]
+
+
 class CheckpointStore:
     """The checkpoint folders of one run on a local disk or any fsspec filesystem (``s3://...``)."""
 
@@ -84,14 +106,14 @@ class CheckpointStore:
         self.is_local = "file" in (
             self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         )
-        self._url_prefix = run_dir.rstrip("/") + f"/{CHECKPOINT_FOLDER}"
+        self.url = run_dir.rstrip("/") + f"/{CHECKPOINT_FOLDER}"  # as the user named it
 
     def path(self, step: int) -> str:
         return f"{self.root}/{step_folder(step)}"
 
     def checkpoint_id(self, step: int) -> str:
         """What DCP's readers and writers take: a local path, or the URL for fsspec."""
-        return self.path(step) if self.is_local else f"{self._url_prefix}/{step_folder(step)}"
+        return self.path(step) if self.is_local else f"{self.url}/{step_folder(step)}"
 
     def writer(self, step: int) -> Any:
         if self.is_local:
@@ -120,8 +142,9 @@ class CheckpointStore:
         return {name[len(folder) + 1 :]: int(info["size"]) for name, info in found.items()}
 
     def write_json(self, step: int, name: str, data: dict[str, Any]) -> None:
-        self.fs.makedirs(self.path(step), exist_ok=True)
-        with self.fs.open(f"{self.path(step)}/{name}", "w") as handle:
+        target = f"{self.path(step)}/{name}"
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(target, "w") as handle:
             json.dump(data, handle)
 
     def read_json(self, step: int, name: str) -> dict[str, Any]:
@@ -135,7 +158,20 @@ class CheckpointStore:
         for needed in (".metadata", TRAINER_STATE):
             if needed not in files:
                 raise CheckpointError(f"checkpoint {self.path(step)} lacks {needed}; not committing it")
-        self.write_json(step, COMMIT_MARKER, {"step": step, "committed_at": time.time(), "files": files})
+        trainer_state = self.read_json(step, TRAINER_STATE)
+        missing = _missing_rank_states(trainer_state, files)
+        if missing:
+            raise CheckpointError(f"checkpoint {self.path(step)} lacks {', '.join(missing[:3])}"
+                                  f"{' ...' if len(missing) > 3 else ''}; not committing it")  # fmt: skip
+        self.write_json(step, COMMIT_MARKER, {"step": step, "committed_at": time.time(), "files": files,
+                                              "run_id": trainer_state.get("run_id")})  # fmt: skip
+
+    def run_id(self, step: int) -> str | None:
+        """The id of the run that wrote ``step`` (None: unreadable, or written before runs had ids)."""
+        try:
+            return self.read_json(step, TRAINER_STATE).get("run_id")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
     def problem(self, step: int) -> str | None:
         """Why the checkpoint at ``step`` cannot be used, or None if it is complete and intact."""
@@ -152,9 +188,12 @@ class CheckpointStore:
             if found[name] != size:
                 return f"file {name} has {found[name]} bytes, {size} were written"
         try:
-            self.read_json(step, TRAINER_STATE)
+            trainer_state = self.read_json(step, TRAINER_STATE)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             return f"unreadable {TRAINER_STATE} ({exc})"
+        missing = _missing_rank_states(trainer_state, found)
+        if missing:
+            return f"file {missing[0]} is missing ({len(missing)} rank state file(s) in all)"
         # The marker is a plain file anyone can edit: DCP's own metadata says which files hold the tensors.
         if ".metadata" not in found:
             return "DCP's .metadata is missing"
@@ -182,10 +221,11 @@ class CheckpointStore:
         if self.fs.exists(self.path(step)):
             self.fs.rm(self.path(step), recursive=True)
 
-    def prune(self, keep_last: int) -> list[int]:
+    def prune(self, keep_last: int, run_id: str | None = None) -> list[int]:
         """Keep the newest ``keep_last`` complete checkpoints; drop older ones and unfinished saves older
-        than the newest complete one (they can never finish). Damaged ones are left for inspection."""
-        steps = self.steps()
+        than the newest complete one (they can never finish). Damaged ones are left for inspection. With
+        ``run_id``, only that run's checkpoints are considered: another run's are never touched."""
+        steps = [s for s in self.steps() if run_id is None or self.run_id(s) in (run_id, None)]
         complete = [s for s in steps if self.problem(s) is None]
         if not complete:
             return []
@@ -205,7 +245,6 @@ class CheckpointStore:
 class _PendingSave:
     step: int
     future: Future
-    stager: DefaultStager
 
 
 class Checkpointer:
@@ -214,34 +253,48 @@ class Checkpointer:
     training's."""
 
     def __init__(
-        self, store: CheckpointStore, *, keep_last: int, async_save: bool, rank: int, cuda: bool = False
-    ) -> None:
+        self, store: CheckpointStore, *, keep_last: int, async_save: bool, rank: int, cuda: bool = False,
+        world_size: int | None = None,
+    ) -> None:  # fmt: skip
         self.store, self.keep_last, self.async_save, self.rank = store, keep_last, async_save, rank
+        self.world_size = world_size if world_size is not None else dist.get_world_size()
+        self.run_id: str | None = None  # drawn by open_run (or the first save), or the resumed checkpoint's
         self._group = dist.new_group(backend="gloo") if async_save else None
         # On GPUs the copy to (pinned) host memory runs in the background too; the state must not change
         # until it is done (wait_for_staging before the optimizer step). On CPU the copy happens in save().
-        self._staging_options = StagingOptions(cuda, False, cuda, cuda)
+        # One stager for the whole run: it keeps its (pinned) host buffers from one save to the next.
+        self._stager = DefaultStager(StagingOptions(cuda, False, cuda, cuda)) if async_save else None
         self._staging: Future | None = None
         self._pending: _PendingSave | None = None
         self.last_committed: int | None = None
 
-    def save(self, step: int, state: TrainState, trainer_state: dict[str, Any]) -> float:
-        """Start (async) or do (sync) a save of ``step``; returns the seconds training was blocked."""
+    def save(
+        self, step: int, state: TrainState, trainer_state: dict[str, Any],
+        rank_state: dict[str, Any] | None = None,
+    ) -> float:  # fmt: skip
+        """Start (async) or do (sync) a save of ``step``: ``trainer_state`` is the same on every rank (rank 0
+        writes it, with the run id and world size added), ``rank_state`` this rank's own (it writes it).
+        Returns the seconds training was blocked."""
         start = time.perf_counter()
         self.wait()
+        if self.run_id is None:
+            self.open_run(resume=False, refuse_existing=False)
         if self.rank == 0:
             self.store.remove(step)  # a leftover of an earlier, interrupted attempt at this step
-            self.store.write_json(step, TRAINER_STATE, trainer_state)
+            shared = {**trainer_state, "run_id": self.run_id, "world_size": self.world_size}
+            self.store.write_json(step, TRAINER_STATE, shared)
         dist.barrier()
+        # Before this rank's DCP write: rank 0 writes .metadata (and then commits) only after every rank's
+        # DCP write has reported back, so a committed folder has every rank's file.
+        self.store.write_json(step, rank_state_name(self.rank), {"rank": self.rank, **(rank_state or {})})
         if self.async_save:
-            stager = DefaultStager(self._staging_options)
             response = dcp.async_save(
                 {"train": state}, storage_writer=self.store.writer(step), process_group=self._group,
-                async_stager=stager,
+                async_stager=self._stager,
             )  # fmt: skip
             future = getattr(response, "upload_completion", response)
             self._staging = getattr(response, "staging_completion", None)
-            self._pending = _PendingSave(step, future, stager)
+            self._pending = _PendingSave(step, future)
         else:
             dcp.save({"train": state}, storage_writer=self.store.writer(step))
             self._finish(step)
@@ -280,7 +333,6 @@ class Checkpointer:
         try:
             pending.future.result()  # re-raises a failed write
         finally:
-            pending.stager.close()
             # DCP's executor thread ends right after the future's callbacks (its executor shuts down then).
             writers = [t for t in threading.enumerate() if t.name.startswith("AsyncCheckpointExecutor")]
             for thread in writers:
@@ -293,35 +345,77 @@ class Checkpointer:
         # when rank 0's save has returned, all shards are on storage.
         if self.rank == 0:
             self.store.commit(step)
-            removed = self.store.prune(self.keep_last)
+            removed = self.store.prune(self.keep_last, run_id=self.run_id)
             if removed:
                 logger.info("pruned checkpoints of steps %s", removed)
         self.last_committed = step
 
-    def find_resumable(self) -> int | None:
-        """Rank 0 picks the newest complete checkpoint (reporting skipped ones); every rank gets its step."""
-        choice: list[int | None] = [None]
+    def open_run(self, *, resume: bool, refuse_existing: bool = True) -> int | None:
+        """Decide, on rank 0, what this run is; every rank gets the same answer (one broadcast) and raises
+        alike. ``resume``: the newest complete checkpoint's step (reporting skipped ones) and its run id,
+        or a new id and None if there is none. Otherwise a new id; with ``refuse_existing``, a run directory
+        that already holds checkpoints raises :class:`CheckpointError` (a fresh run there would make a later
+        resume ambiguous). A directory holding complete checkpoints of two runs is refused either way."""
+        decision: list[Any] = [None]
         if self.rank == 0:
-            choice[0], skipped = self.store.newest_complete()
-            for step, reason in skipped:
-                logger.warning("skipping checkpoint %s: %s", self.store.path(step), reason)
-        dist.broadcast_object_list(choice, src=0)
-        return choice[0]
+            try:
+                decision[0] = ("ok", *self._decide(resume, refuse_existing))
+            except CheckpointError as exc:
+                decision[0] = ("error", str(exc), None)
+        dist.broadcast_object_list(decision, src=0)
+        outcome, first, second = decision[0]
+        if outcome == "error":
+            raise CheckpointError(first)
+        self.run_id = second
+        return first
 
-    def refuse_earlier_run(self) -> None:
-        """For ``trainer.resume=false``: raise :class:`CheckpointError` if the run directory already holds
-        checkpoints (complete or not). A fresh run there would prune them as its own older saves, and a
-        later resume would jump to their higher steps. Rank 0 looks; every rank raises alike."""
-        found: list[list[int]] = [self.store.steps() if self.rank == 0 else []]
-        dist.broadcast_object_list(found, src=0)
-        if found[0]:
-            steps = ", ".join(str(s) for s in found[0][-5:]) + (", ..." if len(found[0]) > 5 else "")
+    def _decide(self, resume: bool, refuse_existing: bool) -> tuple[int | None, str]:
+        fresh = uuid.uuid4().hex[:12]
+        steps = self.store.steps()
+        where = self.store.url
+        if not resume:
+            if refuse_existing and steps:
+                shown = ", ".join(str(s) for s in steps[-5:]) + (", ..." if len(steps) > 5 else "")
+                raise CheckpointError(
+                    f"trainer.resume=false, but {where} already holds checkpoints of an earlier run (steps "
+                    f"{shown}); a fresh run there would make a later resume ambiguous. Continue that run "
+                    "(trainer.resume=true), choose another trainer.run_dir, or delete those checkpoints"
+                )
+            return None, fresh
+        step, skipped = self.store.newest_complete()
+        for skipped_step, reason in skipped:
+            logger.warning("skipping checkpoint %s: %s", self.store.path(skipped_step), reason)
+        if step is None:
+            return None, fresh
+        runs: dict[str, list[int]] = {}
+        for other in steps:
+            run = self.store.run_id(other)
+            if run is not None and other <= step and self.store.problem(other) is None:
+                runs.setdefault(run, []).append(other)
+        if len(runs) > 1:
+            listed = "; ".join(f"run {run}: steps {found[0]}..{found[-1]}" for run, found in runs.items())
             raise CheckpointError(
-                f"trainer.resume=false, but {self.store._url_prefix} already holds checkpoints of an earlier "
-                f"run (steps {steps}); a fresh run there would prune them and a later resume would jump to "
-                "them. Continue that run (trainer.resume=true), choose "
-                "another trainer.run_dir, or delete those checkpoints yourself"
+                f"{where} holds complete checkpoints of {len(runs)} runs ({listed}); resuming would continue "
+                "whichever saved the highest step. Move the other run's step folders away, or choose "
+                "another trainer.run_dir"
             )
+        return step, self.store.run_id(step) or fresh
+
+    def read_rank_states(self, step: int, trainer_state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The per-rank states a resume needs: at an unchanged world size this rank's own (read by this rank
+        alone), else every old rank's, read by rank 0 and broadcast (an elastic resume re-splits them)."""
+        saved_world = int(trainer_state["world_size"])
+        if "loader_states" in trainer_state:  # the older format: every rank's state in trainer_state.json
+            pairs = zip(trainer_state["loader_states"], trainer_state["rng_states"], strict=True)
+            states = [{"rank": r, "loader": loader, "rng": rng} for r, (loader, rng) in enumerate(pairs)]
+            return [states[self.rank]] if saved_world == self.world_size else states
+        if saved_world == self.world_size:
+            return [self.store.read_json(step, rank_state_name(self.rank))]
+        gathered: list[Any] = [None]
+        if self.rank == 0:
+            gathered[0] = [self.store.read_json(step, rank_state_name(r)) for r in range(saved_world)]
+        dist.broadcast_object_list(gathered, src=0)
+        return gathered[0]
 
     def load(self, step: int, state: TrainState) -> dict[str, Any]:
         dcp.load({"train": state}, storage_reader=self.store.reader(step))
@@ -339,6 +433,7 @@ class Checkpointer:
         thread left to the process's exit. Abandoning never raises: problems are logged."""
         if not abandon:
             self.wait()
+            self._close_stager()
             if self._group is not None:
                 group, self._group = self._group, None
                 dist.barrier(group=group)
@@ -347,6 +442,7 @@ class Checkpointer:
         pending = self._pending
         try:
             self.wait(timeout=timeout)
+            self._close_stager()  # only now: a save still being written goes on reading its buffers
         except TimeoutError:
             logger.warning("abandoning the checkpoint of step %s: still being written; it stays uncommitted",
                            pending.step if pending else "?")  # fmt: skip
@@ -361,6 +457,11 @@ class Checkpointer:
                     dist.destroy_process_group(group)
             except Exception:  # noqa: BLE001
                 logger.warning("destroying the checkpoint process group failed", exc_info=True)
+
+    def _close_stager(self) -> None:
+        stager, self._stager = getattr(self, "_stager", None), None
+        if stager is not None:
+            stager.close()
 
 
 def rng_state() -> dict[str, Any]:

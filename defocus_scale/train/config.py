@@ -120,6 +120,10 @@ class TrainerConfig:
     # A collective that waits longer than this fails its rank (a dead or hung peer) instead of stalling the
     # job; the slowest first step (compile), checkpoint load and eval must fit in it. torch's NCCL default.
     collective_timeout_s: float = 600.0
+    # After the first step (compile and checkpoint load are behind), collectives get this shorter timeout
+    # (torchtitan's pattern): a dead peer is noticed in minutes. It must still cover a synchronous
+    # checkpoint save and an eval pass. null: keep collective_timeout_s.
+    step_collective_timeout_s: float | None = 300.0
 
 
 @dataclass

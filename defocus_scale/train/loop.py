@@ -48,7 +48,9 @@ from defocus_scale.train.parallel import (
     init_distributed,
     mixed_precision_policy,
     replicated_parameters,
+    set_collective_timeout,
 )
+from defocus_scale.train.preflight import check_shared_storage
 from defocus_scale.train.step_log import DeferredSteps
 
 logger = logging.getLogger(__name__)
@@ -173,14 +175,17 @@ def train(
         torch.set_num_threads(trainer.threads)
     try:
         env = env or init_distributed(
-            trainer.device, timeout_s=trainer.collective_timeout_s, replicate=trainer.dp_replicate
-        )
+            trainer.device, timeout_s=trainer.collective_timeout_s, replicate=trainer.dp_replicate,
+            flight_recorder_dir=trainer.run_dir,
+        )  # fmt: skip
     except ValueError as exc:  # a mesh or backend the world cannot have: the user's to fix
         raise ConfigError(str(exc)) from None
     console = console or Console()
     plan = resolve_batch(cfg, env.world_size)
     data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro_batch)
     prepare_synthetic_data(cfg, env)
+    sources = {"data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source}
+    check_shared_storage(trainer.run_dir, sources, rank=env.rank)
 
     model_kwargs = {
         "img_size": cfg.data.image_size,
@@ -213,8 +218,8 @@ def train(
     # workers, the metrics files, and the checkpointer, which abandons (never commits half of) a pending save.
     with contextlib.ExitStack() as cleanup:
         cleanup.push(lambda failed, *_: checkpointer.close(abandon=failed is not None))
-        step, epoch, saved, resumed_from = _resume_or_start(cfg, checkpointer, state, env, console)
-        loader_states = saved["loader_states"] if saved else None
+        step, epoch, saved, resumed_from, loader_states = _resume_or_start(cfg, checkpointer, state, env,
+                                                                           console)  # fmt: skip
         # Keys of the samples consumed in this run so far (trainer.audit_samples): carried by checkpoints.
         audit_log: list[str] = list(saved.get("consumed_keys", [])) if saved else []
         if resumed_from is None and trainer.init_from:
@@ -338,6 +343,8 @@ def train(
                     ema.update(gate=finite)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if step == first_step + 1 and trainer.step_collective_timeout_s:
+                    set_collective_timeout(env.mesh, trainer.step_collective_timeout_s)
                 figures = torch.cat([mean_losses, grad_norm.double().reshape(1), finite.double().reshape(1)])
                 host = {"lr": lr, "drop_path": rate, "epoch": float(batches.epoch),
                         "peak_memory_gib": peak_memory_bytes(env.device) / 2**30}  # fmt: skip
@@ -354,18 +361,16 @@ def train(
                 if saving:
                     _refuse_nonfinite_state(state, env, step)
                     trainer_state = {
-                        "step": step, "epoch": batches.epoch, "world_size": env.world_size,
-                        "loader_states": _gather_objects(train_loader.state_dict(), env.world_size),
-                        "rng_states": _gather_objects(rng_state(), env.world_size),
-                        "global_batch": plan.global_batch, "config": config_to_dict(cfg),
-                        "nonfinite_steps": guard.total,
-                    }  # fmt: skip
+                        "step": step, "epoch": batches.epoch, "global_batch": plan.global_batch,
+                        "config": config_to_dict(cfg), "nonfinite_steps": guard.total,
+                    }  # fmt: skip  (the run id and world size are the checkpointer's to add)
+                    own_state = {"loader": train_loader.state_dict(), "rng": rng_state()}
                     if trainer.audit_samples:  # every rank's keys since the last save, in rank order
                         gathered = _gather_objects(batches.consumed, env.world_size)
                         audit_log += [key for keys in gathered for key in keys]
                         batches.consumed = []
                         trainer_state["consumed_keys"] = audit_log
-                    blocked_by_save += checkpointer.save(step, state, trainer_state)
+                    blocked_by_save += checkpointer.save(step, state, trainer_state, own_state)
                     if metrics is not None:  # the metrics up to a checkpoint are as durable as it is
                         metrics.flush()
                 if evaluating:
@@ -384,6 +389,7 @@ def train(
         head = max(1, min(5, len(losses) // 4))
         return {
             "final_step": step, "epoch": batches.epoch, "resumed_from": resumed_from,
+            "run_id": checkpointer.run_id,
             "steps_run": step - first_step,
             "loss_first": sum(losses[:head]) / head if losses else None,
             "loss_last": sum(losses[-head:]) / head if losses else None,
@@ -438,29 +444,29 @@ def compile_counters(enabled: bool) -> dict[str, Any]:
 
 def _resume_or_start(
     cfg: TrainConfig, checkpointer: Checkpointer, state: TrainState, env: DistEnv, console: Console
-) -> tuple[int, int, dict[str, Any] | None, str | None]:
-    """Load the newest complete checkpoint if resuming; returns (step, epoch, its trainer state -- loader
-    states of every old rank and so on --, checkpoint folder relative to the run) -- (0, 0, None, None) on a
-    fresh start."""
+) -> tuple[int, int, dict[str, Any] | None, str | None, list[dict] | None]:
+    """Load the newest complete checkpoint if resuming; returns (step, epoch, its trainer state, checkpoint
+    folder relative to the run, the loader states this rank restores from: its own, or every old rank's
+    after a change of world size) -- (0, 0, None, None, None) on a fresh start."""
     seed = cfg.trainer.seed * 1_000_003 + env.rank + 1
     torch.manual_seed(seed)  # per rank: drop-path masks differ across ranks
-    if not cfg.trainer.resume:
-        checkpointer.refuse_earlier_run()
-    resume_step = checkpointer.find_resumable() if cfg.trainer.resume else None
+    resume_step = checkpointer.open_run(resume=cfg.trainer.resume)
     if resume_step is None:
-        return 0, 0, None, None
+        return 0, 0, None, None, None
     saved = checkpointer.load(resume_step, state)
     step = saved["step"]
-    if len(saved["rng_states"]) == env.world_size:
-        set_rng_state(saved["rng_states"][env.rank])
+    rank_states = checkpointer.read_rank_states(resume_step, saved)
+    if saved["world_size"] == env.world_size:
+        set_rng_state(rank_states[0]["rng"])
     else:  # another world size: a fresh per-rank stream, still a function of the step
         torch.manual_seed(seed + 7919 * step)
     if env.is_main:
         console.print(
-            f"resumed from {checkpointer.store.path(resume_step)} at step {step} (epoch {saved['epoch']}); "
-            f"saved by {saved['world_size']} ranks, now {env.world_size}"
+            f"resumed run {checkpointer.run_id} from {checkpointer.store.path(resume_step)} at step {step} "
+            f"(epoch {saved['epoch']}); saved by {saved['world_size']} ranks, now {env.world_size}"
         )
-    return step, saved["epoch"], saved, f"{CHECKPOINT_FOLDER}/{step_folder(resume_step)}"
+    loader_states = [s["loader"] for s in rank_states]
+    return step, saved["epoch"], saved, f"{CHECKPOINT_FOLDER}/{step_folder(resume_step)}", loader_states
 
 
 def _run_eval(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +36,15 @@ class DistEnv:
 
 
 def init_distributed(
-    device: str = "auto", backend: str | None = None, timeout_s: float | None = None, replicate: int = 1
-) -> DistEnv:
+    device: str = "auto", backend: str | None = None, timeout_s: float | None = None, replicate: int = 1,
+    flight_recorder_dir: str | None = None,
+) -> DistEnv:  # fmt: skip
     """Join the process group torchrun (or Ray Train) describes, creating it if needed; a lone process
     without torchrun's variables becomes a world of one. NCCL on CUDA, gloo on CPU. ``timeout_s``: of the
     group's collectives, when this creates it. ``replicate`` > 1 makes the mesh 2-D for HSDP:
     ``(replicate, world / replicate)``, parameters sharded within a group of consecutive ranks (a node)
-    and replicated across groups, so the per-step all-gathers stay inside a node."""
+    and replicated across groups, so the per-step all-gathers stay inside a node. ``flight_recorder_dir``
+    (the run directory): where an NCCL group this creates dumps its flight recorder on a timeout."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
@@ -50,6 +53,8 @@ def init_distributed(
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         backend = backend or ("nccl" if use_cuda else "gloo")
+        if backend == "nccl" and flight_recorder_dir is not None:
+            prepare_flight_recorder(flight_recorder_dir)
         if "WORLD_SIZE" in os.environ:  # torchrun, Ray Train or a launcher of one's own set the rendezvous
             dist.init_process_group(backend, timeout=timeout)
         else:  # a lone process: a world of one, without writing torchrun's variables into os.environ (a
@@ -70,6 +75,45 @@ def init_distributed(
         )
     _check_backend(target)
     return DistEnv(dist.get_rank(), world, local_rank, target, mesh)
+
+
+def set_collective_timeout(mesh: DeviceMesh, timeout_s: float) -> None:
+    """Give the default group and the mesh's groups (HSDP's replicate and shard groups) a new timeout for
+    their later collectives (the trainer shortens it after the first step)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = {id(g): g for g in [dist.distributed_c10d._get_default_group(), *mesh.get_all_groups()]}
+    for group in groups.values():
+        dist.set_timeout(timeout, group)
+
+
+FLIGHT_RECORDER_FOLDER = "flight_recorder"
+
+
+def flight_recorder_env(run_dir: str) -> dict[str, str]:
+    """NCCL flight recorder settings (ignored by gloo): keep the last collectives of every rank and dump
+    them when a collective times out, one file per rank, for ``torch.distributed.flight_recorder``'s
+    analyser. The dump goes under ``<run_dir>/flight_recorder/`` on a local or shared filesystem; for an
+    object-store run directory, to the node's temporary directory (NCCL writes plain files)."""
+    if "://" in run_dir and not run_dir.startswith("file://"):
+        name = run_dir.rstrip("/").rsplit("/", 1)[-1]
+        folder = os.path.join(tempfile.gettempdir(), "defocus-flight-recorder", name)
+    else:
+        folder = os.path.join(run_dir.removeprefix("file://"), FLIGHT_RECORDER_FOLDER)
+    return {
+        "TORCH_FR_BUFFER_SIZE": "20000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": os.path.join(folder, "rank_"),
+    }
+
+
+def prepare_flight_recorder(run_dir: str) -> str:
+    """Set the flight recorder's variables in this process (where not set already; before the NCCL group
+    is created) and create its dump folder; returns the dump prefix in force."""
+    for key, value in flight_recorder_env(run_dir).items():
+        os.environ.setdefault(key, value)
+    prefix = os.environ["TORCH_FR_DUMP_TEMP_FILE"]
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    return prefix
 
 
 def _check_backend(device: torch.device) -> None:

@@ -1,12 +1,17 @@
-"""Checks of a run's inputs and outputs that a launcher makes once, before any worker starts: a misspelt
+"""Checks of a run's inputs and outputs: those a launcher makes once, before any worker starts (a misspelt
 data path or an unwritable run directory is then one message naming the key, not a worker failure that
-the orchestration retries until its budget is gone."""
+the orchestration retries until its budget is gone), and the one every rank makes at start: that all ranks
+see the same run directory and data (the checkpoint protocol -- rank 0 commits, every rank loads -- needs
+shared storage)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 
 import fsspec
+import torch.distributed as dist
 
 from defocus_scale.train.config import ConfigError, TrainConfig
 
@@ -41,3 +46,51 @@ def check_run_inputs(cfg: TrainConfig) -> None:
         fs, path = fsspec.core.url_to_fs(source)
         if not fs.exists(path):
             raise ConfigError(f"trainer.init_from={source} does not exist")
+
+
+def check_shared_storage(run_dir: str, sources: dict[str, str | None], *, rank: int) -> None:
+    """Collective, at the start of a run: rank 0 writes a probe file with a fresh token under ``run_dir``;
+    every rank must read it back, and must find every local data source in ``sources`` ({config key:
+    path}). Otherwise every rank raises :class:`ConfigError` naming the ranks, their hosts and the path
+    (a node-local directory such as /tmp works on one node only): without it, rank 0 alone would see
+    the commit markers and every restart would fail to load."""
+    token: list[str | None] = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    probe = f"{root.rstrip('/')}/.shared-storage-probe-{token[0]}"
+    problem = None
+    if rank == 0:
+        try:
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(probe, token[0].encode())
+        except OSError as exc:
+            problem = f"cannot write {probe}: {exc}"
+    dist.barrier()
+    if problem is None:
+        try:
+            if fs.cat_file(probe).decode() != token[0]:
+                problem = f"reads other contents from {probe} than rank 0 wrote"
+        except FileNotFoundError:
+            problem = f"does not see {probe}, which rank 0 wrote in trainer.run_dir={run_dir}"
+        except OSError as exc:
+            problem = f"cannot read {probe}: {exc}"
+    for key, source in sources.items():
+        if problem is None and source and "://" not in source:
+            local = os.path.dirname(source) if "{" in source else source  # a brace pattern: its folder
+            if not os.path.exists(local):
+                problem = f"does not see {key}={source}"
+    found: list[tuple[str, str | None]] = [("", None)] * dist.get_world_size()
+    dist.all_gather_object(found, (socket.gethostname(), problem))
+    if rank == 0:
+        try:
+            fs.rm_file(probe)
+        except OSError:
+            pass
+    failing = [(r, host, why) for r, (host, why) in enumerate(found) if why is not None]
+    if failing:
+        shown = "; ".join(f"rank {r} on {host} {why}" for r, host, why in failing[:4])
+        more = f" (and {len(failing) - 4} more ranks)" if len(failing) > 4 else ""
+        raise ConfigError(
+            f"the ranks do not share storage: {shown}{more}. trainer.run_dir and the data must be on storage "
+            "every node sees (a shared filesystem or an object store URL), not a node-local path"
+        )
