@@ -9,14 +9,23 @@ job (start-up included) under each launcher; Ray's time includes starting its lo
 The trainer is the real one (the orchestration's TRAINER_ENTRY, ``defocus_scale.train``) unless
 ``--entry module:function`` names another (``--entry-path``: its folder, if not installed).
 
-    python benchmarks/bench_recovery.py [--repeats 3] [--kill-step 5]
+Node loss: ``tests/dist_scripts/node_loss.py`` on a 3-node ``ray.cluster_utils.Cluster`` (a head without
+CPUs, two 1-CPU worker nodes), a 4-epoch job of the same model paced at 0.3 s a step, one worker node
+removed at step 6. ``elastic`` (1..2 workers): the group goes on with 1 worker, then grows back when a node
+returns; ``fixed``: it restarts on 2 workers once a replacement node is up (5 s later). Node death is
+detected by 3 missed 1 s GCS health checks, the worker group start times out after 15 s.
+
+    python benchmarks/bench_recovery.py [--repeats 3] [--kill-step 5] [--skip-node-loss]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +46,8 @@ from defocus_scale.orchestration.config import (  # noqa: E402
 )
 from defocus_scale.orchestration.launch import launch, ray_session  # noqa: E402
 from defocus_scale.orchestration.trainer_adapter import TRAINER_ENTRY  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 SAMPLES, CLASSES, IMAGE, GLOBAL_BATCH, STEPS = 96, 10, 16, 12, 8
 
@@ -64,6 +75,33 @@ def orchestration(
     )
 
 
+def node_loss_rows(root: Path, cfg: dict) -> list[dict]:
+    """One run of the node-loss drill per mode; its restarts (recovery seconds, steps lost, world sizes)."""
+    script = REPO / "tests" / "dist_scripts" / "node_loss.py"
+    job = {**cfg, "trainer": {**cfg["trainer"], "max_steps": 4 * STEPS, "audit_samples": True}}
+    (root / "node_loss_cfg.json").write_text(json.dumps(job))
+    rows = []
+    for mode in ("elastic", "fixed"):
+        storage = root / f"node_loss_{mode}"
+        storage.mkdir()
+        done = subprocess.run(
+            [sys.executable, str(script), mode, str(storage), str(root / "node_loss_cfg.json")],
+            cwd=script.parent, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        line = next((x for x in done.stdout.splitlines() if x.startswith("{")), None)
+        if done.returncode != 0 or line is None:
+            raise RuntimeError(f"node-loss drill ({mode}) failed:\n{done.stderr[-4000:]}")
+        report = json.loads(line)
+        once = set(report["consumed"].values()) == {4}
+        for record in report["restarts"]:
+            rows.append({"mode": mode, "cause": record["cause"][:80], "recovery_s": record["recovery_s"],
+                         "steps_lost": record["steps_lost"], "world_size_before": record["world_size_before"],
+                         "world_size_after": record["world_size_after"], "every_sample_once_per_epoch": once,
+                         "job_wall_s": report["wall_s"]})  # fmt: skip
+    return rows
+
+
 def resolve(entry: str, entry_path: str | None):
     if entry_path is None:
         return entry
@@ -79,6 +117,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-step", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-node-loss", action="store_true", help="no multi-node Ray cluster drill")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     entry = resolve(args.entry, args.entry_path)
@@ -112,6 +151,7 @@ def main() -> int:
                 result = launch(run, cfg, entry)
                 assert result.summary.get("final_step") == STEPS and len(result.restarts) == 1, result
                 restarts.append(result.restarts[0])
+        node_loss = [] if args.skip_node_loss else node_loss_rows(root, cfg)
 
     recovery = [r.recovery_s for r in restarts]
     lost = [r.steps_lost for r in restarts]
@@ -127,6 +167,15 @@ def main() -> int:
     table.add_row("recovery time min / max (s)", f"{min(recovery):.1f} / {max(recovery):.1f}")
     table.add_row("steps lost per failure", ", ".join(str(n) for n in lost))
     console.print(table)
+    if node_loss:
+        losses = Table(title="Node loss on a 3-node Ray cluster (one worker node removed at step 6)")
+        for column in ("mode", "restart cause", "workers", "recovery s", "steps lost", "each sample once"):
+            losses.add_column(column, justify="left" if column in ("mode", "restart cause") else "right")
+        for row in node_loss:
+            workers = f"{row['world_size_before']} -> {row['world_size_after']}"
+            losses.add_row(row["mode"], row["cause"][:50], workers, f"{row['recovery_s']:.1f}",
+                           str(row["steps_lost"]), str(row["every_sample_once_per_epoch"]))  # fmt: skip
+        console.print(losses)
     path = write_result("bench_recovery", {
         "job": {"model": "defocus_mamba_tiny embed 32 depth 2, 16 px", "workers": args.workers,
                 "steps": STEPS, "global_batch": GLOBAL_BATCH, "checkpoint_every": 2, "entry": args.entry},
@@ -135,9 +184,10 @@ def main() -> int:
         "restarts": [r.__dict__ for r in restarts],
         "recovery_s_median": statistics.median(recovery),
         "steps_lost": lost,
+        "node_loss": node_loss,
         "note": "recovery_s = injected death (SIGKILL) to the first completed step after resume: Ray's "
                 "failure detection (health poll 0.5 s), worker-group restart, process-group setup, "
-                "checkpoint load and one step",
+                "checkpoint load and one step; node_loss: detection settings in the module docstring",
     }, args.out)
     console.print(f"wrote {path}")
     return 0

@@ -11,8 +11,14 @@
    2 ranks for defocus_mamba_base and defocus_mamba_1b (EMA off, no checkpoints).
 3. Seconds the training loop is blocked by an async save versus a synchronous save of the same state
    (model, AdamW, EMA of defocus_mamba_base).
+4. Host syncs (``Tensor.item``/``tolist``/... on the training thread) and ``torch.distributed`` calls of
+   the trainer's own per ordinary step (not at a log, checkpoint or epoch boundary), and the median step
+   time, at 2 gloo ranks under torchrun with 2 micro-batches a step (``tests/dist_scripts/count_syncs.py``);
+   with ``--sync-baseline REV`` also for the trainer of an older commit, checked out in a temporary
+   worktree, side by side (before/after). ``--host-syncs-only`` runs this part alone and writes
+   ``results/bench_train_host_syncs.json``.
 
-    python benchmarks/bench_train.py [--image-size 224] [--batch 8] [--skip-1b]
+    python benchmarks/bench_train.py [--image-size 224] [--batch 8] [--skip-1b] [--sync-baseline REV]
 """
 
 from __future__ import annotations
@@ -213,6 +219,70 @@ def save_blocking(env, image_size: int) -> dict:
     return result
 
 
+SYNC_RUN = [  # 512 samples, 32 a step over 2 ranks x 2 micro-batches of 8: epochs of 16 steps, logs every 8
+    "data.eval_source=null", "data.batch_size=8", "data.workers=1", "trainer.checkpoint_every=0",
+    "trainer.global_batch=32", "trainer.max_micro_batch=8", "trainer.log_every=8",
+    "trainer.tensorboard=false", "trainer.progress=false", "~synthetic_data",
+    "model.overrides.embed_dim=32", "model.overrides.depth=2", "model.overrides.inner_dim=64",
+    "model.overrides.dt_rank=4", "model.overrides.group_size=16", "model.overrides.patch_size=8",
+]  # fmt: skip
+
+
+def _count_syncs(label: str, tree: Path, root: Path, steps: int) -> dict:
+    """Run the trainer of ``tree`` under count_syncs.py at 2 ranks; its per-ordinary-step figures."""
+    import statistics
+
+    out, run = root / f"counts-{tree.name}.json", root / f"run-{tree.name}"
+    overrides = [f"data.source={root / 'train'}", f"trainer.run_dir={run}", f"trainer.max_steps={steps}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(tree)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "dist_scripts" / "count_syncs.py"), str(out), *overrides, *SYNC_RUN]
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{label}: count_syncs failed\n{done.stderr[-4000:]}")
+    counted = {int(k): v for k, v in json.loads(out.read_text())["steps"].items()}
+    # Ordinary steps: not an epoch's first (every 16th from 1) nor right after a log read-back (9, 17, ...).
+    ordinary = [s for s in counted if s > 1 and s % 16 != 1 and s % 8 != 1]
+    return {
+        "trainer": label, "ranks": 2, "micro_batches_per_step": 2, "ordinary_steps": len(ordinary),
+        "host_syncs_per_step": statistics.median(counted[s]["syncs"] for s in ordinary),
+        "collectives_per_step": statistics.median(counted[s]["collectives"] for s in ordinary),
+        "step_s_median": statistics.median(counted[s]["time"] - counted[s - 1]["time"] for s in ordinary),
+    }
+
+
+def host_sync_rows(baseline: str | None, steps: int = 32) -> list[dict]:
+    """Section 4: a row for an older commit's trainer (``baseline``, in a temporary worktree), then this
+    tree's, run one after the other on the same shards."""
+    from defocus_scale.data.make_shards import make_shards
+
+    with tempfile.TemporaryDirectory(prefix="bench-syncs-") as folder:
+        root = Path(folder)
+        make_shards("synthetic", root / "train", synthetic_samples=512, synthetic_classes=10,
+                    synthetic_image_size=32, samples_per_shard=64, progress=False)  # fmt: skip
+        if not baseline:
+            return [_count_syncs("after (this tree)", REPO, root, steps)]
+        worktree = root / "baseline"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), baseline],
+                       check=True, capture_output=True)  # fmt: skip
+        try:
+            return [_count_syncs(f"before ({baseline})", worktree, root, steps),
+                    _count_syncs("after (this tree)", REPO, root, steps)]  # fmt: skip
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+                           capture_output=True)  # fmt: skip
+
+
+def print_host_syncs(rows: list[dict], console: Console) -> None:
+    table = Table(title="Per ordinary step, 2 gloo ranks, 2 micro-batches a step (tiny De-focus Mamba)")
+    for column in ("trainer", "host syncs", "collectives (trainer's own)", "step s (median)"):
+        table.add_column(column, justify="left" if column == "trainer" else "right")
+    for row in rows:
+        table.add_row(row["trainer"], f"{row['host_syncs_per_step']:g}", f"{row['collectives_per_step']:g}",
+                      f"{row['step_s_median']:.3f}")  # fmt: skip
+    console.print(table)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224)
@@ -224,11 +294,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     parser.add_argument("--production-models", nargs="*", help="models of the fp32 / bf16 / compiled rows",
                         default=["defocus_vit_small", "defocus_mamba_small"])  # fmt: skip
+    parser.add_argument("--sync-baseline", default=None, help="older commit for the before/after sync rows")
+    parser.add_argument("--host-syncs-only", action="store_true", help="section 4 alone")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console(width=150)
+    if args.host_syncs_only:
+        rows = host_sync_rows(args.sync_baseline)
+        print_host_syncs(rows, console)
+        path = write_result("bench_train_host_syncs", {"settings": {"sync_baseline": args.sync_baseline},
+                                                       "host_syncs": rows}, args.out)  # fmt: skip
+        console.print(f"wrote {path}")
+        return 0
     env = init_distributed()
     peak, peak_source = peak_flops_per_device(env.device, env.device.type == "cuda")
 
@@ -268,6 +347,8 @@ def main() -> int:
     console.print(save_table)
     torch.distributed.destroy_process_group()
 
+    host_syncs = host_sync_rows(args.sync_baseline)
+    print_host_syncs(host_syncs, console)
     models = ["defocus_mamba_base"] + ([] if args.skip_1b else ["defocus_mamba_1b"])
     memory = [] if args.skip_memory else peak_memory_runs(models, args.memory_image_size, timeout=3000)
     memory_table = Table(title=f"Peak memory per rank, batch 1 at {args.memory_image_size} px (EMA off)")
@@ -286,7 +367,7 @@ def main() -> int:
         "flops_note": "FlopCounterMode, forward+backward of one sample: matmuls and convolutions only",
         "throughput": throughput, "production_path": production, "production_note": PRODUCTION_NOTE,
         "save_blocking": saves,
-        "peak_memory": memory,
+        "peak_memory": memory, "host_syncs": host_syncs,
         "memory_note": "CPU: peak RSS per process (includes ~0.8 GiB of torch and libraries per process); "
                        "GPU: torch.cuda.max_memory_allocated",
     }, args.out)  # fmt: skip

@@ -6,6 +6,7 @@ progress, restart records) survive the processes that wrote them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import uuid
@@ -39,9 +40,16 @@ class RunStorage:
         target = self.path(*parts)
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         temporary = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(temporary, "wb") as out:
-            out.write(data)
-        self.fs.mv(temporary, target)
+        try:
+            with self.fs.open(temporary, "wb") as out:
+                out.write(data)
+            self.fs.mv(temporary, target)
+        except OSError as exc:  # a full or read-only disk: name the file, leave no temporary behind
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(temporary)
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), target) from None
+            raise
 
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))

@@ -124,10 +124,56 @@ def test_ranks_that_do_not_share_storage_are_named(tmp_path: Path) -> None:
     printed = [line for rank in (0, 1) if (tmp_path / f"outcome-{rank}.txt").exists()
                for line in (tmp_path / f"outcome-{rank}.txt").read_text().splitlines()]  # fmt: skip
     lines = {tuple(line.split(":")[0].split()): line for line in printed}
-    assert done.returncode == 0 and len(lines) == 6, "\n".join(printed) + done.stderr[-3000:]
+    assert done.returncode == 0 and len(lines) == 8, "\n".join(printed) + done.stderr[-3000:]
     for rank in ("0", "1"):
         assert lines["rank", rank, "shared"].endswith("ok, probes left []")
+        assert lines["rank", rank, "nowhere"].endswith("ok, probes left []")
         memory, data = lines["rank", rank, "memory"], lines["rank", rank, "data"]
         assert "ConfigError the ranks do not share storage: rank 1 on" in memory, memory
         assert "does not see /run/.shared-storage-probe-" in memory and "rank 0 on" not in memory, memory
         assert "rank 1 on" in data and "does not see data.source=" in data and "rank 0 on" not in data, data
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_is_one_error_naming_the_checkpoint(world_of_one, tmp_path: Path, async_save) -> None:
+    """DCP wraps a rank's write error in a CheckpointException (a BaseException); the checkpointer turns
+    it into an OSError that keeps ENOSPC (not worth a restart) and names the folder."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from defocus_scale.train.cli import worth_a_restart
+
+    class FullDisk(FileSystemWriter):
+        def write_data(self, plan, planner):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = CheckpointStore(str(tmp_path))
+    store.writer = lambda step: FullDisk(store.path(step))
+    checkpointer = Checkpointer(store, keep_last=2, async_save=async_save, rank=0)
+    with pytest.raises(OSError) as failure:
+        checkpointer.save(5, _state(), {"step": 5})
+        checkpointer.wait()
+    assert failure.value.errno == errno.ENOSPC and store.path(5) in str(failure.value), failure.value
+    assert not worth_a_restart(failure.value)
+    assert store.newest_complete() == (None, [(5, "no commit marker (the save did not finish)")])
+    checkpointer.close(abandon=True)
+
+
+def test_a_failed_record_write_names_the_file_and_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    """The orchestration's records in the run directory (progress, failures, restarts) on a full disk."""
+    import errno
+
+    from defocus_scale.orchestration.storage import RunStorage
+
+    storage = RunStorage(str(tmp_path))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.fs, "mv", full)
+    with pytest.raises(OSError) as failure:
+        storage.write_json({"step": 3}, "orchestration", "progress.json")
+    assert failure.value.errno == errno.ENOSPC
+    assert failure.value.filename == str(tmp_path / "orchestration" / "progress.json")
+    assert list((tmp_path / "orchestration").iterdir()) == []

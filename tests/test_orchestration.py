@@ -454,7 +454,7 @@ def test_node_loss_on_a_multi_node_cluster(shards, tmp_path, mode) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script), mode, str(tmp_path), str(tmp_path / "cfg.json")],
                           env=env, cwd=script.parent, capture_output=True, text=True,
-                          timeout=420)  # fmt: skip
+                          timeout=600)  # fmt: skip
     line = next((x for x in done.stdout.splitlines() if x.startswith("{")), None)
     assert done.returncode == 0 and line is not None, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads(line)

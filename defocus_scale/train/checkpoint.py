@@ -14,11 +14,13 @@ of two runs is refused rather than resumed from whichever is newer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -282,11 +285,13 @@ class Checkpointer:
         if self.rank == 0:
             self.store.remove(step)  # a leftover of an earlier, interrupted attempt at this step
             shared = {**trainer_state, "run_id": self.run_id, "world_size": self.world_size}
-            self.store.write_json(step, TRAINER_STATE, shared)
+            with _naming_failures(self.store.path(step)):
+                self.store.write_json(step, TRAINER_STATE, shared)
         dist.barrier()
         # Before this rank's DCP write: rank 0 writes .metadata (and then commits) only after every rank's
         # DCP write has reported back, so a committed folder has every rank's file.
-        self.store.write_json(step, rank_state_name(self.rank), {"rank": self.rank, **(rank_state or {})})
+        with _naming_failures(self.store.path(step)):
+            self.store.write_json(step, rank_state_name(self.rank), {"rank": self.rank, **(rank_state or {})})
         if self.async_save:
             response = dcp.async_save(
                 {"train": state}, storage_writer=self.store.writer(step), process_group=self._group,
@@ -296,7 +301,8 @@ class Checkpointer:
             self._staging = getattr(response, "staging_completion", None)
             self._pending = _PendingSave(step, future)
         else:
-            dcp.save({"train": state}, storage_writer=self.store.writer(step))
+            with _naming_failures(self.store.path(step)):
+                dcp.save({"train": state}, storage_writer=self.store.writer(step))
             self._finish(step)
         return time.perf_counter() - start
 
@@ -331,7 +337,8 @@ class Checkpointer:
             raise TimeoutError(f"the checkpoint of step {pending.step} is still being written")
         self._pending = None
         try:
-            pending.future.result()  # re-raises a failed write
+            with _naming_failures(self.store.path(pending.step)):
+                pending.future.result()  # re-raises a failed write
         finally:
             # DCP's executor thread ends right after the future's callbacks (its executor shuts down then).
             writers = [t for t in threading.enumerate() if t.name.startswith("AsyncCheckpointExecutor")]
@@ -462,6 +469,26 @@ class Checkpointer:
         stager, self._stager = getattr(self, "_stager", None), None
         if stager is not None:
             stager.close()
+
+
+@contextlib.contextmanager
+def _naming_failures(folder: str) -> Iterator[None]:
+    """A failed save as one ordinary error naming the checkpoint folder. DCP reports a rank's write error as
+    a ``CheckpointException`` (a BaseException, which ``except Exception`` misses) wrapping the original; an
+    OSError keeps its errno, so that a full disk or a denied write stays an error the user must fix (not
+    retried), and anything else becomes a RuntimeError (retried: a storage hiccup may pass)."""
+    try:
+        yield
+    except (OSError, CheckpointException) as exc:
+        failures = getattr(exc, "failures", None) or {}
+        inner = next(iter(failures.values()))[0] if failures else exc
+        ranks = f" (ranks {sorted(failures)})" if failures else ""
+        if isinstance(inner, OSError):
+            reason = inner.strerror or str(inner)
+            raise OSError(inner.errno, f"{reason} while saving checkpoint {folder}{ranks}",
+                          inner.filename or folder) from None  # fmt: skip
+        detail = f"{type(inner).__name__}: {inner}"
+        raise RuntimeError(f"saving checkpoint {folder} failed{ranks}: {detail}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -50,10 +50,11 @@ def check_run_inputs(cfg: TrainConfig) -> None:
 
 def check_shared_storage(run_dir: str, sources: dict[str, str | None], *, rank: int) -> None:
     """Collective, at the start of a run: rank 0 writes a probe file with a fresh token under ``run_dir``;
-    every rank must read it back, and must find every local data source in ``sources`` ({config key:
-    path}). Otherwise every rank raises :class:`ConfigError` naming the ranks, their hosts and the path
-    (a node-local directory such as /tmp works on one node only): without it, rank 0 alone would see
-    the commit markers and every restart would fail to load."""
+    every rank must read it back, and every rank must find a local data source in ``sources`` ({config
+    key: path}) if any rank does. Otherwise every rank raises :class:`ConfigError` naming the ranks, their
+    hosts and the path (a node-local directory such as /tmp works on one node only): without it, rank 0
+    alone would see the commit markers and every restart would fail to load. A source no rank finds is
+    left to the data loader's own error (a misspelt path, not a storage layout)."""
     token: list[str | None] = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     fs, root = fsspec.core.url_to_fs(run_dir)
@@ -74,22 +75,23 @@ def check_shared_storage(run_dir: str, sources: dict[str, str | None], *, rank: 
             problem = f"does not see {probe}, which rank 0 wrote in trainer.run_dir={run_dir}"
         except OSError as exc:
             problem = f"cannot read {probe}: {exc}"
-    for key, source in sources.items():
-        if problem is None and source and "://" not in source:
-            local = os.path.dirname(source) if "{" in source else source  # a brace pattern: its folder
-            if not os.path.exists(local):
-                problem = f"does not see {key}={source}"
-    found: list[tuple[str, str | None]] = [("", None)] * dist.get_world_size()
-    dist.all_gather_object(found, (socket.gethostname(), problem))
+    missing = [key for key, source in sources.items() if source and "://" not in source
+               and not os.path.exists(os.path.dirname(source) if "{" in source else source)]  # fmt: skip
+    found: list[tuple[str, str | None, list[str]]] = [("", None, [])] * dist.get_world_size()
+    dist.all_gather_object(found, (socket.gethostname(), problem, missing))
     if rank == 0:
         try:
             fs.rm_file(probe)
         except OSError:
             pass
-    failing = [(r, host, why) for r, (host, why) in enumerate(found) if why is not None]
+    failing = [(r, host, why) for r, (host, why, _) in enumerate(found) if why is not None]
+    for key, source in sources.items():
+        lacking = [r for r, (_, _, keys) in enumerate(found) if key in keys]
+        if 0 < len(lacking) < len(found):  # some ranks see it, some do not
+            failing += [(r, found[r][0], f"does not see {key}={source}") for r in lacking]
     if failing:
         shown = "; ".join(f"rank {r} on {host} {why}" for r, host, why in failing[:4])
-        more = f" (and {len(failing) - 4} more ranks)" if len(failing) > 4 else ""
+        more = f" (and {len(failing) - 4} more)" if len(failing) > 4 else ""
         raise ConfigError(
             f"the ranks do not share storage: {shown}{more}. trainer.run_dir and the data must be on storage "
             "every node sees (a shared filesystem or an object store URL), not a node-local path"

@@ -7,6 +7,7 @@ thread (an async checkpoint's writer thread is not the step's critical path). Ra
 import json
 import sys
 import threading
+import time
 import traceback
 from collections import Counter
 
@@ -52,7 +53,8 @@ class CountingHooks:
 
     def on_step_end(self, step: int, *_loss: float) -> None:  # (older trainers passed the loss)
         self.steps[step] = {
-            "syncs": counts["syncs"], "collectives": counts["collectives"], "calls": list(calls)
+            "syncs": counts["syncs"], "collectives": counts["collectives"], "calls": list(calls),
+            "time": time.perf_counter(),  # the host's view: when the step was handed to the device
         }
         counts.clear()
         calls.clear()

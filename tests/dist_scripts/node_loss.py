@@ -3,6 +3,8 @@ two 1-CPU worker nodes), the real trainer on it (2 workers, one per node), and o
 (its raylet and workers killed) once training passes ``kill_step``. ``elastic``: the group continues on the
 one node left, and a new node is added once it has run a few steps there, which Ray grows the group onto.
 ``fixed``: the group waits for a replacement node (added a few seconds later) and restarts on 2 workers.
+While the elastic group waits to grow back, its steps are held (``slow_entry.paced_trainer``), so that
+the outcome does not depend on the machine's speed.
 Prints one JSON line: the summary, the restart records, the group's attempts and the kill/add times.
 
 usage: node_loss.py elastic|fixed STORAGE TRAINER_CFG_JSON"""
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
@@ -48,6 +51,7 @@ launcher = LauncherConfig(
 )  # fmt: skip
 orchestration = OrchestrationConfig(launcher=launcher, storage_path=storage_path, run_name="run")
 run_storage = RunStorage(orchestration.run_dir)
+hold = Path(orchestration.run_dir) / "hold"  # see slow_entry.paced_trainer
 events: dict = {}
 
 
@@ -71,10 +75,16 @@ def chaos() -> None:
             time.sleep(0.1)
             now = progress()
         events["one_worker_at_step"] = progress()["step"]
+        hold.touch()  # the one-worker group waits here until it has grown back (however slow the machine)
     else:
         time.sleep(5)
     events["node_added_at"] = time.time()
     cluster.add_node(num_cpus=1)
+    if elastic:
+        deadline = time.time() + 110
+        while progress().get("world_size") != 2 and time.time() < deadline:
+            time.sleep(0.1)
+        hold.unlink()
 
 
 outcome: dict = {}

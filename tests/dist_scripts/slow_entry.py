@@ -18,10 +18,11 @@ def slow_entry(cfg: dict, hooks) -> dict:
 
 
 class _PacedHooks:
-    """The orchestration's hooks, with a pause after every step (so that a test can act mid-run)."""
+    """The orchestration's hooks, with a pause after every step, longer while ``hold`` exists (up to 2
+    minutes): a test holds the run at a step until the cluster has changed as it wants."""
 
-    def __init__(self, hooks, pause_s: float) -> None:
-        self.hooks, self.pause_s = hooks, pause_s
+    def __init__(self, hooks, pause_s: float, hold: str) -> None:
+        self.hooks, self.pause_s, self.hold = hooks, pause_s, hold
 
     def on_resume(self, step: int, checkpoint: str | None) -> None:
         self.hooks.on_resume(step, checkpoint)
@@ -29,10 +30,14 @@ class _PacedHooks:
     def on_step_end(self, step: int) -> None:
         self.hooks.on_step_end(step)
         time.sleep(self.pause_s)
+        deadline = time.monotonic() + 120
+        while os.path.exists(self.hold) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def paced_trainer(cfg: dict, hooks) -> dict:
-    """The real trainer entry, each step followed by a 0.3 s pause."""
+    """The real trainer entry, each step followed by a 0.3 s pause (and held while RUN_DIR/hold exists)."""
     from defocus_scale.train import train_in_process_group
 
-    return train_in_process_group(cfg, _PacedHooks(hooks, 0.3))
+    hold = os.path.join(cfg["trainer"]["run_dir"], "hold")
+    return train_in_process_group(cfg, _PacedHooks(hooks, 0.3, hold))

@@ -1,8 +1,9 @@
-"""Two gloo ranks run the start-of-run shared-storage check three ways and print one line each:
-a shared local directory (passes, leaves no probe behind); ``memory://`` (each process has its own
-in-memory filesystem, like a node-local disk per node: every rank must fail, naming rank 1); and a data
-folder missing on rank 1's "node" (its os.path.exists is made to say so). The lines go to
-``<folder>/outcome-<rank>.txt`` (two processes' prints interleave on one pipe)."""
+"""Two gloo ranks run the start-of-run shared-storage check four ways and print one line each: a shared
+local directory (passes, leaves no probe behind); ``memory://`` (each process has its own in-memory
+filesystem, like a node-local disk per node: every rank must fail, naming rank 1); a data path that no
+rank finds (passes: the loader's own error names it); and a data folder missing on rank 1's "node" only
+(its os.path.exists is made to say so). The lines go to ``<folder>/outcome-<rank>.txt`` (two processes'
+prints interleave on one pipe)."""
 
 import os
 import sys
@@ -30,6 +31,7 @@ def attempt(name: str, run_dir: str, sources: dict) -> None:
 
 attempt("shared", shared, {"data.source": shared})
 attempt("memory", "memory://run", {})
+attempt("nowhere", shared, {"data.source": f"{shared}/misspelt"})  # on no rank: the loader's error to give
 if rank == 1:
     os.path.exists = lambda path: False
 attempt("data", shared, {"data.source": f"{shared}/shards-{{000..003}}.tar"})
