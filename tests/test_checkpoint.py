@@ -177,3 +177,28 @@ def test_a_failed_record_write_names_the_file_and_leaves_no_temporary(tmp_path: 
     assert failure.value.errno == errno.ENOSPC
     assert failure.value.filename == str(tmp_path / "orchestration" / "progress.json")
     assert list((tmp_path / "orchestration").iterdir()) == []
+
+
+def test_a_failed_load_is_one_error_naming_the_checkpoint(world_of_one, tmp_path: Path) -> None:
+    """A read error inside DCP's load (an object store failing mid-read): an OSError naming the folder (it
+    may pass: retried), not DCP's CheckpointException, which ``except Exception`` does not catch."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from defocus_scale.train.cli import worth_a_restart
+
+    store = CheckpointStore(str(tmp_path))
+    checkpointer = Checkpointer(store, keep_last=2, async_save=False, rank=0)
+    checkpointer.save(3, _state(), {"step": 3})
+
+    class FailingRead(FileSystemReader):
+        def read_data(self, plan, planner):
+            raise OSError(errno.EIO, "Input/output error")
+
+    store.reader = lambda step: FailingRead(store.path(step))
+    with pytest.raises(OSError) as failure:
+        checkpointer.load(3, _state())
+    assert failure.value.errno == errno.EIO
+    assert f"while loading checkpoint {store.path(3)}" in str(failure.value)
+    assert worth_a_restart(failure.value)

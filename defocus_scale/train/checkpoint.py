@@ -425,7 +425,8 @@ class Checkpointer:
         return gathered[0]
 
     def load(self, step: int, state: TrainState) -> dict[str, Any]:
-        dcp.load({"train": state}, storage_reader=self.store.reader(step))
+        with _naming_failures(self.store.path(step), "loading"):
+            dcp.load({"train": state}, storage_reader=self.store.reader(step))
         return self.store.read_json(step, TRAINER_STATE)
 
     def close(self, *, abandon: bool = False, timeout: float = 10.0) -> None:
@@ -472,11 +473,12 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def _naming_failures(folder: str) -> Iterator[None]:
-    """A failed save as one ordinary error naming the checkpoint folder. DCP reports a rank's write error as
-    a ``CheckpointException`` (a BaseException, which ``except Exception`` misses) wrapping the original; an
-    OSError keeps its errno, so that a full disk or a denied write stays an error the user must fix (not
-    retried), and anything else becomes a RuntimeError (retried: a storage hiccup may pass)."""
+def _naming_failures(folder: str, doing: str = "saving") -> Iterator[None]:
+    """A failed save or load as one ordinary error naming the checkpoint folder. DCP reports a rank's error
+    as a ``CheckpointException`` (a BaseException, which ``except Exception`` misses) wrapping the original.
+    An OSError keeps its errno, so that a full disk or a denied write stays an error the user must fix (not
+    retried) and a storage hiccup is retried; anything else is a RuntimeError when saving (retried) and a
+    :class:`CheckpointError` when loading (a checkpoint of another model, say: not retried)."""
     try:
         yield
     except (OSError, CheckpointException) as exc:
@@ -485,10 +487,10 @@ def _naming_failures(folder: str) -> Iterator[None]:
         ranks = f" (ranks {sorted(failures)})" if failures else ""
         if isinstance(inner, OSError):
             reason = inner.strerror or str(inner)
-            raise OSError(inner.errno, f"{reason} while saving checkpoint {folder}{ranks}",
+            raise OSError(inner.errno, f"{reason} while {doing} checkpoint {folder}{ranks}",
                           inner.filename or folder) from None  # fmt: skip
-        detail = f"{type(inner).__name__}: {inner}"
-        raise RuntimeError(f"saving checkpoint {folder} failed{ranks}: {detail}") from None
+        error = RuntimeError if doing == "saving" else CheckpointError
+        raise error(f"{doing} checkpoint {folder} failed{ranks}: {type(inner).__name__}: {inner}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ import datetime
 import functools
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,7 +248,10 @@ def materialize(model: nn.Module, device: torch.device, seed: int, rank: int) ->
     differed would silently become equal at a resume)."""
     model.to_empty(device=device)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), implicit_replication():
+    with torch.random.fork_rng(devices=devices), implicit_replication(), warnings.catch_warnings():
+        # DTensor warns that its random ops lack full support on CPU meshes: each shard draws from this
+        # rank's own stream here on purpose, so the warning is noise (one per rank on every start).
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
         torch.manual_seed(seed * 1_000_003 + rank)
         model.init_weights()
 
