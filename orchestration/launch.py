@@ -11,7 +11,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from .recovery import (
 )
 from .storage import RunStorage
 from .trainer_adapter import TRAINER_ENTRY
-from .worker import FATAL_KEY, WorkerJob, ray_train_loop, result_name
+from .worker import FATAL_KEY, WorkerJob, process_namespace, ray_train_loop, result_name
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ def launch(
 ) -> LaunchResult:
     """Train with ``trainer_cfg`` under ``orchestration``; returns rank 0's summary and the restarts."""
     spec, extra_path = entry_spec(entry)
-    driver = (socket.gethostname(), os.getpid())
+    driver = (process_namespace(), os.getpid())
     job = WorkerJob(spec, trainer_cfg, orchestration, uuid.uuid4().hex[:12], extra_path, driver)
     start = time.perf_counter()
     if orchestration.launcher.kind == "ray":

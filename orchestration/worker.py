@@ -40,17 +40,30 @@ class WorkerJob:
     orchestration: OrchestrationConfig
     launch_id: str
     extra_sys_path: list[str] = field(default_factory=list)  # the entry module's folder, if not installed
-    driver: tuple[str, int] | None = None  # (host name, pid) of the launching process
+    driver: tuple[str, int] | None = None  # (process_namespace(), pid) of the launching process
+
+
+def process_namespace() -> str:
+    """Where a pid means the same process: host name, boot id and pid namespace (containers on one host
+    may share a host name but not their pids)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux: the host name alone
+        boot, pid_namespace = "", 0
+    return f"{socket.gethostname()}/{boot}/{pid_namespace}"
 
 
 def watch_driver(driver: tuple[str, int] | None, *, interval_s: float = 1.0) -> threading.Thread | None:
     """Stop this worker soon after the launching driver dies (Ray's clean-up of a dead driver's job takes
-    a minute or more, in which the workers would go on training and saving). Only where the driver runs
-    on this host, so that its pid can be checked; a daemon thread polls it and sends this process SIGTERM
-    (the committed checkpoints stay valid; a save in flight stays uncommitted and is skipped)."""
-    if driver is None or driver[0] != socket.gethostname() or driver[1] == os.getpid():
+    a minute or more, in which the workers would go on training and saving). Only where the driver's pid
+    means the same process here (same host and pid namespace: :func:`process_namespace`); a daemon thread
+    polls it and sends this process SIGTERM (the committed checkpoints stay valid; a save in flight stays
+    uncommitted and is skipped)."""
+    if driver is None or driver[0] != process_namespace() or driver[1] == os.getpid():
         return None
-    host, pid = driver
+    host, pid = driver[0].split("/", 1)[0], driver[1]
 
     def poll() -> None:
         while True:

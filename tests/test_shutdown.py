@@ -183,3 +183,17 @@ def test_no_abort_at_exit_under_load(shards: Path, tmp_path: Path) -> None:
     bad = [f"{r.case} #{r.index}: {r.reason} ({r.log})" for r in results if not r.ok]
     assert sum(row["aborts"] for row in table.values()) == 0, bad
     assert not bad, bad
+
+
+def test_driver_watchdog_only_where_the_drivers_pid_means_the_same_process() -> None:
+    """A worker watches the driver's pid only in the driver's own host and pid namespace (containers on one
+    host can share a host name, and there the pid would name another process or none)."""
+    from defocus_scale.orchestration.worker import process_namespace, watch_driver
+
+    here = process_namespace()
+    assert watch_driver(None) is None and watch_driver((here, os.getpid())) is None  # itself: nothing to do
+    assert watch_driver((f"{here.split('/', 1)[0]}/another-boot/1", os.getppid())) is None
+    watchdog = watch_driver((here, os.getppid()), interval_s=0.05)  # the live parent: watched, never fires
+    assert watchdog is not None and watchdog.daemon
+    time.sleep(0.2)
+    assert watchdog.is_alive()
