@@ -1,6 +1,9 @@
-"""Training input pipeline throughput vs the per-core decode + augment limit.
+"""Training input pipeline throughput vs the per-core decode + augment limit; object store vs disk; the
+division of work at a simulated cluster scale.
 
     python benchmarks/bench_data.py [--workers 1 2] [--batch-size 32] [--repeats 3] [--smoke] [--out FILE]
+    python benchmarks/bench_data.py --s3 [--smoke]     # local S3 server vs local disk (data_s3.py)
+    python benchmarks/bench_data.py --scale [--baseline REV] [--ranks 512] [--workers 8]  # (data_scale.py)
 
 For ants/bees (photos of many sizes, 224 px crops) and the CIFAR-10 subset (32 px), the images are
 written as shards, then timed three ways, side by side in one run:
@@ -181,7 +184,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many alternating timings")
     parser.add_argument("--smoke", action="store_true", help="few images, for a quick check")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--s3", action="store_true", help="only the object-store rows (data_s3.py)")
+    parser.add_argument("--scale", action="store_true", help="only the simulated-scale rows (data_scale.py)")
+    parser.add_argument("--baseline", default="b8527a8", help="--scale: the commit whose stream is 'before'")
+    parser.add_argument("--ranks", type=int, default=512, help="--scale: simulated ranks")
     args = parser.parse_args()
+    if args.s3:
+        return _s3_main(args)
+    if args.scale:
+        return _scale_main(args)
     if not REAL_DATA.is_dir():
         sys.exit(f"real data folder {REAL_DATA} is absent; this benchmark needs it")
 
@@ -244,6 +255,46 @@ def main() -> None:
     payload = {"smoke": args.smoke, "batch_size": args.batch_size, "repeats": args.repeats,
                "load_average": load, "versions": _versions(), "rows": rows}
     path = write_result("bench_data", payload, args.out)
+    print(f"wrote {path}")
+
+
+def _s3_main(args: argparse.Namespace) -> None:
+    import data_s3
+
+    rows = data_s3.run(smoke=args.smoke)
+    table = Table(title="Shards from a local S3 server (moto, loopback) vs local disk, 1 process")
+    for column in ("storage", "px", "images/s", "vs disk", "bytes read / sample", "shard bytes / sample",
+                   "slice: bytes / sample, seek", "slice: skip"):
+        table.add_column(column, justify="left" if column == "storage" else "right")
+    for r in rows:
+        table.add_row(r["storage"], str(r["image_size"]), f"{r['images_per_s']:.0f}",
+                      f"{r['images_per_s_vs_local']:.2f}x", f"{r['bytes_per_sample']:.0f}",
+                      f"{r['shard_bytes_per_sample']:.0f}", f"{r['slice_bytes_per_sample_seek']:.0f}",
+                      f"{r['slice_bytes_per_sample_skip']:.0f}")
+    Console(width=200).print(table)
+    path = write_result("bench_data_s3", {"smoke": args.smoke, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+def _scale_main(args: argparse.Namespace) -> None:
+    import data_scale
+
+    workers = args.workers[0] if args.workers != [1, 2] else 8
+    rows = data_scale.run(args.baseline, ranks=args.ranks, workers=workers)
+    table = Table(title=f"Work division at {args.ranks} ranks x {workers} workers, ImageNet-1k in class "
+                        "order (simulated; micro-batch 2)")
+    for column in ("plan", "shards", "idle workers", "rank spread", "dropped", "bytes read / needed",
+                   "GPU window entropy", "(random)", "global batch entropy", "(random)"):
+        table.add_column(column, justify="left" if column == "plan" else "right")
+    for r in rows:
+        table.add_row(r["label"], str(r["shards"]), str(r["idle_workers"]), str(r["rank_spread"]),
+                      f"{r['dropped_by_lockstep']} ({100 * r['dropped_fraction']:.1f}%)",
+                      f"{r['bytes_read_per_needed']:.2f}", f"{r['window_entropy_bits']:.2f}",
+                      f"{r['window_entropy_random_bits']:.2f}", f"{r['global_batch_entropy_bits']:.2f}",
+                      f"{r['global_batch_entropy_random_bits']:.2f}")
+    Console(width=200).print(table)
+    payload = {"baseline": args.baseline, "ranks": args.ranks, "workers": workers, "rows": rows}
+    path = write_result("bench_data_scale", payload, args.out)
     print(f"wrote {path}")
 
 

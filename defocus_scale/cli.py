@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from defocus_scale import demo
     from defocus_scale.analysis import cli as analysis_cli
     from defocus_scale.data import make_shards
+    from defocus_scale.data import manifest as shard_manifest
     from defocus_scale.evaluate import cli as eval_cli
     from defocus_scale.orchestration import cli as launch_cli
     from defocus_scale.scaling import cli as sweep_cli
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(subparsers)
     make_shards.register(subparsers)
+    shard_manifest.register(subparsers)  # index-shards
     analysis_cli.register(subparsers)
     launch_cli.register(subparsers)
     train_cli.register(subparsers)

@@ -69,7 +69,8 @@ def test_batches_shapes_dtypes_and_end_of_epoch(shard_dir: Path) -> None:
     for images, targets in batches:
         assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
         assert targets.dtype == torch.int64 and targets.shape == (4,)
-    assert loader.stats() == {"bad_shards": [], "bad_samples": 0, "samples_remaining": 0}
+    stats = loader.stats()
+    assert (stats["bad_shards"], stats["bad_samples"], stats["samples_remaining"]) == ([], 0, 0)
     assert loader.batches_remaining() == 0
     assert list(loader) == []  # the epoch is spent until set_epoch
     loader.set_epoch(1)
@@ -98,13 +99,26 @@ def test_augmentation_is_deterministic_and_spares_the_callers_generators(shard_d
     assert not torch.equal(first[0], other_epoch[0])
 
 
-def test_repeated_augmentation_gives_distinct_views_of_each_sample(shard_dir: Path) -> None:
-    cfg = _config(shard_dir, repeated_aug=3, batch_size=6, workers=0)
-    loader = build_train_loader(cfg, rank=0, world_size=1, seed=0)
-    images, _, keys = next(iter(loader.batches_with_keys()))
-    assert keys[0] == keys[1] == keys[2] and not torch.equal(images[0], images[1])
-    seen = Counter(keys) + Counter(k for _, _, batch_keys in loader.batches_with_keys() for k in batch_keys)
-    assert seen == Counter({key: 3 for key in all_keys()})
+def test_repeated_augmentation_spreads_views_over_batches_and_epochs(shard_dir: Path) -> None:
+    """DeiT's RASampler semantics: 3 views of each sample, in different batches; an epoch holds about as
+    many views as the data has samples, so 3 epochs make one pass."""
+    cfg = _config(shard_dir, repeated_aug=3, batch_size=6, workers=2, shuffle_buffer=12)
+    views: Counter = Counter()
+    for epoch in range(3):
+        loader = build_train_loader(cfg, rank=0, world_size=1, seed=0, epoch=epoch)
+        planned = loader.batches_remaining()
+        batches = list(loader.batches_with_keys())
+        assert len(batches) == planned
+        shared = sum(len(set(keys)) < len(keys) for _, _, keys in batches)
+        assert shared <= len(batches) // 4  # views of a sample mostly in different batches (random draws)
+        epoch_views = Counter(k for _, _, keys in batches for k in keys)
+        assert set(epoch_views.values()) == {3}  # every sample of the epoch gives its 3 views in it
+        assert abs(sum(epoch_views.values()) - len(all_keys())) <= 3  # ~ dataset-size views
+        assert not views.keys() & epoch_views.keys()  # the 3 epochs hold disjoint thirds of the data
+        views += epoch_views
+        first = next(b for b in batches if len(set(b[2])) == len(b[2]))
+        assert not torch.equal(first[0][0], first[0][1])
+    assert set(views) == set(all_keys()) and set(views.values()) == {3}
 
 
 @pytest.mark.parametrize("world_size", [1, 3])

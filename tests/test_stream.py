@@ -113,6 +113,99 @@ def test_exactly_once_without_manifest_from_brace_pattern(tmp_path: Path) -> Non
         assert Counter(delivered) == Counter(all_keys())
 
 
+def test_brace_pattern_uses_the_manifest_beside_the_shards(shard_dir: Path) -> None:
+    pattern = str(shard_dir / "shard-{000000..000006}.tar")
+    streams = [open_stream(pattern, rank=r, world_size=3, seed=0, **_options(True)) for r in range(3)]
+    assert sorted(s.samples_remaining() for s in streams) == [18, 19, 19]  # split by sample, not by shard
+    assert Counter(k for s in streams for k in _run(s)) == Counter(all_keys())
+    subset = open_stream(str(shard_dir / "shard-{000001..000002}.tar"), rank=0, world_size=1, seed=0)
+    assert subset.samples_remaining() == SHARD_SIZES[1] + SHARD_SIZES[2]
+
+
+@pytest.mark.parametrize("worlds", [[2, 3], [3, 1]])
+def test_repeated_views_exactly_once_across_elastic_resumes(shard_dir: Path, worlds: list[int]) -> None:
+    """repeats=3: an epoch is a third of the data, each of its samples 3 times, in any world sequence."""
+    by_epoch = []
+    for epoch in range(3):
+        delivered, states = [], None
+        rng = np.random.default_rng(epoch)
+        for step, world in enumerate(worlds):
+            new_states = []
+            for rank in range(world):
+                stream = open_stream(shard_dir, rank=rank, world_size=world, seed=7, epoch=epoch, repeats=3,
+                                     batch_size=4, **_options(True))  # fmt: skip
+                if states is not None:
+                    stream.load_state_dict(json.loads(json.dumps(states)))
+                last = step == len(worlds) - 1
+                limit = None if last else int(rng.integers(0, stream.samples_remaining() + 1))
+                delivered += [(s["__key__"], s["__view__"]) for s in _take(stream, limit)]
+                new_states.append(stream.state_dict())
+            states = new_states
+        assert len(delivered) == len(set(delivered))  # no (sample, view) twice
+        keys = Counter(k for k, _ in delivered)
+        assert set(keys.values()) == {3} and abs(len(keys) - len(all_keys()) / 3) <= 1
+        by_epoch.append(set(keys))
+    assert set.union(*by_epoch) == set(all_keys()) and sum(map(len, by_epoch)) == len(all_keys())
+
+
+def _take(stream, limit: int | None) -> list[dict]:
+    out = []
+    for sample in stream:
+        out.append(sample)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def test_views_of_a_sample_wait_a_batch(shard_dir: Path) -> None:
+    stream = open_stream(shard_dir, rank=0, world_size=1, seed=0, repeats=3, batch_size=4, shuffle_buffer=40)
+    keys = [s["__key__"] for s in stream]
+    batches = [keys[i: i + 4] for i in range(0, len(keys) - 8, 4)]  # all but the epoch's last 2 batches
+    assert all(len(set(b)) == len(b) for b in batches)
+
+
+def test_a_failed_read_is_retried_from_the_sample_it_stopped_at(shard_dir: Path, monkeypatch, caplog) -> None:
+    from defocus_scale.data import stream as stream_module
+
+    real, calls, failed = stream_module.iter_shard, [], set()
+
+    def flaky(url: str, start: int = 0, stop=None, picks=None, **kwargs):
+        calls.append((Path(url).name, start))
+        for n, item in enumerate(real(url, start, stop, picks, **kwargs)):
+            if n == 2 and url not in failed:  # the connection drops after 2 samples, once per shard
+                failed.add(url)
+                raise ConnectionResetError("connection reset by peer")
+            yield item
+
+    monkeypatch.setattr(stream_module, "iter_shard", flaky)
+    stream = open_stream(shard_dir, rank=0, world_size=1, seed=0, retry_backoff_s=0.01, **_options(True))
+    with caplog.at_level(logging.WARNING, logger="defocus_scale.data.stream"):
+        assert Counter(_run(stream)) == Counter(all_keys())  # nothing lost, nothing twice
+    assert not stream.bad_shards() and "retry 1 of 3" in caplog.text
+    reopened = [(name, start) for name, start in calls if calls.count((name, start)) == 1]
+    for name in {Path(u).name for u in failed}:
+        starts = [start for n, start in calls if n == name]
+        assert starts[1] == starts[0] + 2  # reopened at the sample after the last one read
+    assert reopened
+
+
+def test_a_read_that_keeps_failing_makes_the_shard_bad(shard_dir: Path, monkeypatch) -> None:
+    from defocus_scale.data import stream as stream_module
+
+    def broken(url: str, *args, **kwargs):
+        if url.endswith("shard-000003.tar"):
+            raise TimeoutError("read timed out")
+        return real(url, *args, **kwargs)
+
+    real = stream_module.iter_shard
+    monkeypatch.setattr(stream_module, "iter_shard", broken)
+    stream = open_stream(shard_dir, rank=0, world_size=1, seed=0, retry_backoff_s=0.001, read_retries=2,
+                         max_bad_fraction=0.2, **_options(True))  # fmt: skip
+    keys = _run(stream)
+    assert {Path(u).name for u in stream.bad_shards()} == {"shard-000003.tar"}
+    assert Counter(keys) == Counter(k for k in all_keys() if not k.startswith("s3-"))
+
+
 def test_pipe_urls_are_read(tmp_path: Path) -> None:
     paths = write_shards(tmp_path, sizes=(3, 4), manifest=False)
     stream = open_stream([f"pipe:cat {p}" for p in paths], rank=0, world_size=1, seed=0, decode=False)

@@ -97,11 +97,11 @@ def test_loss_falls_on_synthetic_data(straight: tuple[Path, dict], shards: Path,
     """With the paper's pooled aux head (the other runs use the released per-token one)."""
     run_dir = tmp_path / "longer"
     summary = torchrun(2, _overrides(shards, run_dir, **{
-        "trainer.max_steps": 40, "trainer.checkpoint_every": 40, "optim.lr": 0.08, "data.mixup": 0.0,
+        "trainer.max_steps": 60, "trainer.checkpoint_every": 60, "optim.lr": 0.08, "data.mixup": 0.0,
         "data.cutmix": 0.0, "trainer.max_eval_batches": "null", "data.batch_size": 16,
         "trainer.global_batch": 32, "model.overrides.aux_head": "pooled",
     }))  # fmt: skip
-    assert summary["final_step"] == 40 and summary["steps_run"] == 40
+    assert summary["final_step"] == 60 and summary["steps_run"] == 60
     assert summary["loss_last"] < summary["loss_first"] - 0.2, summary
     assert summary["eval/images"] == 128
     assert summary["eval/top1"] > 0.3, summary  # 10 classes: chance is 0.1
@@ -230,6 +230,11 @@ def test_steps_sync_the_host_only_at_log_boundaries(tmp_path: Path) -> None:
         if step in after_boundary:
             assert any(c.startswith("syncs:tolist@step_log.py") for c in calls), (step, calls)
             continue
+        # The second epoch's start also checks the finished epoch's bad data over all ranks (one all-reduce
+        # and its read-back), for its last window, which no later read-back sees.
+        epoch_check = [c for c in calls if "@bad_data.py" in c]
+        assert len(epoch_check) == (2 if step == 9 else 0), (step, calls)
+        calls = [c for c in calls if c not in epoch_check]
         syncs = [c for c in calls if c.startswith("syncs:") and "@loader.py" not in c]  # DataLoader seeding
         assert all("@batches.py" in c for c in syncs if step in epoch_starts), calls
         collectives = [c for c in calls if c.startswith("collectives:")]
@@ -278,7 +283,7 @@ def test_loss_falls_on_cifar_subset(tmp_path: Path) -> None:
     make_shards(CIFAR / "train", tmp_path / "train", samples_per_shard=512, progress=False)
     make_shards(CIFAR / "test", tmp_path / "val", samples_per_shard=512, prefix="val", progress=False)
     summary = torchrun(2, _overrides(tmp_path, tmp_path / "run", **{
-        "trainer.max_steps": 40, "trainer.checkpoint_every": 40, "optim.lr": 0.08, "data.mixup": 0.0,
+        "trainer.max_steps": 60, "trainer.checkpoint_every": 60, "optim.lr": 0.08, "data.mixup": 0.0,
         "data.cutmix": 0.0, "data.batch_size": 32, "trainer.global_batch": 64, "schedule.warmup_steps": 4,
         "data.auto_augment": "null", "data.reprob": 0.0, "data.scale": "[0.6,1.0]",
     }))  # fmt: skip

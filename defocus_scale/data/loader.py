@@ -65,11 +65,9 @@ class _ShippedImages:
 class _BatchProducer(IterableDataset):
     """Runs in each DataLoader worker: read substream ``worker id``, decode, augment, batch (uint8)."""
 
-    def __init__(
-        self, stream: ShardStream, transform: Callable, *, batch_size: int, drop_last: bool, repeats: int
-    ) -> None:
+    def __init__(self, stream: ShardStream, transform: Callable, *, batch_size: int, drop_last: bool) -> None:
         self.stream, self.transform = stream, transform
-        self.batch_size, self.drop_last, self.repeats = batch_size, drop_last, repeats
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def _message(self, worker: int, reader: SubstreamReader, **batch: Any) -> dict:
         return {"worker": worker, "progress": _WorkerProgress(reader.state_dict(compact=True)), **batch}
@@ -82,30 +80,29 @@ class _BatchProducer(IterableDataset):
         images: torch.Tensor | None = None
         labels: list[int] = []
         keys: list[str] = []
-        samples = iter(reader)
+        samples = iter(reader)  # one entry per view: the stream spreads a sample's views over batches
         # Work stage by stage on the samples that complete the batch: read them, decode them, then augment
         # them, so that each stage's code and tables stay in cache (at 32 px this saves ~10% of the CPU).
         # The reader's state when the batch leaves is the same as image by image.
-        while chunk := list(itertools.islice(samples, -(-(self.batch_size - len(labels)) // self.repeats))):
+        while chunk := list(itertools.islice(samples, self.batch_size - len(labels))):
             for decoded in _decoded_groups(chunk, reader):
                 for sample in decoded:
-                    key = sample["__key__"]
-                    for view in range(self.repeats):
-                        if info is None:  # in the main process: spare the caller's generators
-                            with seeded_global_rngs(_derived_seed(seed, epoch, key, view)):
-                                image = self.transform(sample["image"])
-                        else:
-                            seed_global_rngs(_derived_seed(seed, epoch, key, view))
+                    key, view = sample["__key__"], sample["__view__"]
+                    if info is None:  # in the main process: spare the caller's generators
+                        with seeded_global_rngs(_derived_seed(seed, epoch, key, view)):
                             image = self.transform(sample["image"])
-                        if images is None:
-                            images = np.empty((self.batch_size, *image.shape), dtype=np.uint8)
-                        images[len(labels)] = image.numpy()  # numpy's strided copy costs less than torch's
-                        labels.append(sample["label"])
-                        keys.append(key)
-                        if len(labels) == self.batch_size:
-                            yield self._message(worker, reader, images=_ShippedImages(images), labels=labels,
-                                                keys=keys)
-                            images, labels, keys = None, [], []
+                    else:
+                        seed_global_rngs(_derived_seed(seed, epoch, key, view))
+                        image = self.transform(sample["image"])
+                    if images is None:
+                        images = np.empty((self.batch_size, *image.shape), dtype=np.uint8)
+                    images[len(labels)] = image.numpy()  # numpy's strided copy costs less than torch's
+                    labels.append(sample["label"])
+                    keys.append(key)
+                    if len(labels) == self.batch_size:
+                        yield self._message(worker, reader, images=_ShippedImages(images), labels=labels,
+                                            keys=keys)
+                        images, labels, keys = None, [], []
         if labels and not self.drop_last:
             yield self._message(worker, reader, images=_ShippedImages(images[: len(labels)]),
                                 labels=labels, keys=keys)
@@ -205,17 +202,22 @@ class _StreamBatches:
             samples = self.stream.substream_remaining(i)
             if samples is None:
                 return None
-            full, partial = divmod(samples * self.producer.repeats, self.producer.batch_size)
+            full, partial = divmod(samples, self.producer.batch_size)  # views (samples x repeats)
             batches += full + (1 if partial and not self.producer.drop_last else 0)
         return batches
 
     def stats(self) -> dict[str, Any]:
-        """Counts for logging: bad shards (names) and undecodable samples skipped so far this epoch."""
+        """This rank's counts so far this epoch, as of the batches received (for logging, and for the
+        trainer's check of ``max_bad_fraction`` over all ranks): bad shards (URLs), undecodable samples
+        skipped, samples delivered (undecodable ones included), samples still to come, and the shards of
+        the source."""
         subs = [self.stream.substream_state(i) for i in range(self.stream.num_substreams)]
         return {
-            "bad_shards": sorted(self.stream.bad_shards()),
+            "bad_shards": sorted({url for s in subs for url in s["bad_shards"]}),
             "bad_samples": sum(s["bad_samples"] for s in subs),
+            "delivered": sum(s["delivered"] for s in subs),
             "samples_remaining": self.stream.samples_remaining(),
+            "num_shards": len(self.stream.shards),
         }
 
 
@@ -243,11 +245,13 @@ class TrainLoader(_StreamBatches):
             open_shards=cfg.open_shards,
             max_bad_fraction=cfg.max_bad_fraction,
             num_substreams=max(1, cfg.workers),
-        )
-        producer = _BatchProducer(
-            stream, train_transform(cfg), batch_size=cfg.batch_size, drop_last=cfg.drop_last,
             repeats=cfg.repeated_aug,
+            batch_size=cfg.batch_size,
+            read_retries=cfg.read_retries,
+            retry_backoff_s=cfg.retry_backoff_s,
         )
+        producer = _BatchProducer(stream, train_transform(cfg), batch_size=cfg.batch_size,
+                                  drop_last=cfg.drop_last)
         super().__init__(stream, producer, cfg, BatchFinisher(cfg, train=True), device)
 
     @property
@@ -291,9 +295,10 @@ def build_eval_loader(
         shuffle=False,
         max_bad_fraction=cfg.max_bad_fraction,
         num_substreams=max(1, cfg.workers),
+        batch_size=cfg.eval_batch_size or cfg.batch_size,
+        read_retries=cfg.read_retries,
+        retry_backoff_s=cfg.retry_backoff_s,
     )
-    producer = _BatchProducer(
-        stream, eval_transform(cfg), batch_size=cfg.eval_batch_size or cfg.batch_size, drop_last=False,
-        repeats=1,
-    )
+    producer = _BatchProducer(stream, eval_transform(cfg), batch_size=cfg.eval_batch_size or cfg.batch_size,
+                              drop_last=False)
     return EvalLoader(stream, producer, cfg, BatchFinisher(cfg, train=False), device)

@@ -4,7 +4,8 @@ Sources: an ImageFolder tree (``class/…/file``), Parquet files in the Hugging 
 (``image`` struct of ``bytes``/``path``, integer ``label``; a file, a directory or a glob), or
 ``synthetic`` (the built-in generator). Output, in OUT: ``{prefix}-000000.tar`` … with members
 ``{key}.{jpg|png|webp}`` (the original bytes unless a format or a resize is asked for) and ``{key}.cls``,
-plus ``manifest.parquet`` and ``classes.json``.
+plus ``manifest.parquet`` (per shard: samples, bytes, class counts and each sample's byte offset, so that
+a reader seeks to its slice) and ``classes.json``.
 
 By default the items are written in a seeded random order (``--shuffle-seed``, default 0), so that every
 shard mixes the classes; ``--no-shuffle`` keeps the source order (see ``shard_sources`` for how Parquet,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import io
 import math
@@ -155,8 +157,11 @@ class _PartWriter:
         self.file = open(path, "wb")  # closed by finish() or discard()
         self.tar = wds.TarWriter(self.file, mtime=0)  # an int: a float mtime adds a PAX header per member
         self.samples, self.member_bytes, self.class_counts = 0, 0, [0]
+        self.offsets: list[int] = []  # of each sample's first header in the tar (the manifest's offsets)
 
     def write(self, key: str, extension: str, data: bytes, label: int, member_bytes: int) -> None:
+        # tarfile's position in the archive (the file lags behind: "w|" writes whole records)
+        self.offsets.append(self.tar.tarstream.offset)
         self.tar.write({"__key__": key, extension: data, "cls": str(label).encode("ascii")})
         self.samples += 1
         self.member_bytes += member_bytes
@@ -174,7 +179,8 @@ class _PartWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        return ShardRecord("", self.samples, self.path.stat().st_size, tuple(self.class_counts))
+        size = self.path.stat().st_size
+        return ShardRecord("", self.samples, size, tuple(self.class_counts), tuple(self.offsets))
 
 
 def _write_chunk(
@@ -354,7 +360,7 @@ def _write_shards(
                 os.replace(out_dir / temporary, out_dir / final)
                 if remote is not None:
                     remote.upload(out_dir / final)
-                records.append(ShardRecord(final, record.samples, record.bytes, record.class_counts))
+                records.append(dataclasses.replace(record, shard=final))
             skipped.extend(result.skipped)
             next_chunk += 1
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -56,9 +56,12 @@ class LockstepBatches:
     ``audit`` the keys of every batch handed out are also kept in ``consumed``."""
 
     def __init__(
-        self, loader: TrainLoaderLike, epoch: int, device: torch.device, audit: bool = False
+        self, loader: TrainLoaderLike, epoch: int, device: torch.device, audit: bool = False,
+        on_epoch_end: Callable[[int], None] | None = None,
     ) -> None:
         self.loader, self.epoch, self.device, self.audit = loader, epoch, device, audit
+        # called with the epoch just finished, before the next one starts (on every rank at the same batch)
+        self.on_epoch_end = on_epoch_end
         self._batches: Iterator[Any] | None = None
         self._with_keys = getattr(loader, "batches_with_keys", None)
         if audit and self._with_keys is None:
@@ -114,6 +117,8 @@ class LockstepBatches:
                 batch = next(self._batches, None)
                 return self._hand_out(batch) if batch is not None else self._stand_in()
             self.close()
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self.epoch)
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
         raise RuntimeError(

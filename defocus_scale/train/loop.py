@@ -20,6 +20,7 @@ from defocus_scale.data.config import DataConfig
 from defocus_scale.losses import defocus_loss
 from defocus_scale.models import create_model
 from defocus_scale.schedules import DropPathSchedule
+from defocus_scale.train.bad_data import BadData, check_bad_data, gather_bad_data
 from defocus_scale.train.batches import LockstepBatches, TrainLoaderLike, close_iterator, reduce_int
 from defocus_scale.train.checkpoint import (
     CHECKPOINT_FOLDER,
@@ -31,6 +32,7 @@ from defocus_scale.train.checkpoint import (
     step_folder,
 )
 from defocus_scale.train.config import ConfigError, TrainConfig, config_to_dict, resolve_batch
+from defocus_scale.train.data_index import indexed_source
 from defocus_scale.train.ema import ShardedEMA
 from defocus_scale.train.export import init_from
 from defocus_scale.train.metrics import (
@@ -186,6 +188,12 @@ def train(
     prepare_synthetic_data(cfg, env)
     sources = {"data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source}
     check_shared_storage(trainer.run_dir, sources, rank=env.rank)
+    # Shards without a manifest are indexed once by all ranks, so that the stream splits them by sample.
+    indexed = {key: indexed_source(source, trainer.run_dir, rank=env.rank, world_size=env.world_size,
+                                   max_bad_fraction=cfg.data.max_bad_fraction)
+               for key, source in (("source", cfg.data.source), ("eval_source", cfg.data.eval_source))
+               if source is not None}  # fmt: skip
+    data_cfg = dataclasses.replace(data_cfg, **indexed)
 
     model_kwargs = {
         "img_size": cfg.data.image_size,
@@ -278,11 +286,19 @@ def train(
         deferred = DeferredSteps()
         progress = _progress(console, trainer.max_steps, step, enabled=env.is_main and trainer.progress)
         task = progress.add_task("train", total=trainer.max_steps, completed=step, status="")
+        bad_data: BadData | None = None  # the last bad-data figures of all ranks (this epoch so far)
 
         def read_back_steps() -> None:
             """The one host sync of a logging window: the deferred steps' figures, their metrics rows, the
-            non-finite guard (which may stop the run here, up to ``log_every`` steps after the streak)."""
-            for row in deferred.read():
+            non-finite guard (which may stop the run here, up to ``log_every`` steps after the streak), and
+            the bad data of all ranks, held to data.max_bad_fraction (which may stop every rank here)."""
+            nonlocal bad_data
+            rows, previous = deferred.read(), bad_data
+            if rows or bad_data is None:  # a collective: every rank has the same rows
+                bad_data = gather_bad_data(train_loader, env.world_size, env.device)
+            data_now = bad_data.metrics()  # on the window's last row; the rows before keep the last figures
+            data_before = data_now if previous is None else previous.metrics()
+            for row in rows:
                 nonfinite_keys = [] if row.finite else gather_keys(row.keys, env.world_size)
                 guard.observe(row.step, row.finite, nonfinite_keys, checkpointer.last_committed)
                 figures = row.figures
@@ -295,9 +311,23 @@ def train(
                         "mfu": images_per_s * flops_per_sample / (peak * env.world_size),
                         "step_seconds": row.seconds, "step_skipped": 0.0 if row.finite else 1.0,
                         "nonfinite_steps": float(guard.total),
+                        **(data_now if row is rows[-1] else data_before),
                     })  # fmt: skip
                 status = f"loss {figures['loss']:.3f} lr {row.host['lr']:.2e} dp {row.host['drop_path']:.3f}"
                 progress.update(task, completed=row.step, status=status)
+            check_bad_data(bad_data, cfg.data.max_bad_fraction, step=step, epoch=batches.epoch,
+                           world_size=env.world_size)  # fmt: skip
+
+        def check_finished_epoch(finished: int) -> None:
+            """Bad data of the epoch's last window, which the next read-back (in a new epoch) cannot see."""
+            figures = gather_bad_data(train_loader, env.world_size, env.device)
+            check_bad_data(figures, cfg.data.max_bad_fraction, step=step, epoch=finished,
+                           world_size=env.world_size)  # fmt: skip
+            if figures.reporting and env.is_main and (figures.bad_shards or figures.bad_samples):
+                console.print(f"epoch {finished}: {len(figures.bad_shards)} bad shards, "
+                              f"{figures.bad_samples} undecodable samples over all ranks")  # fmt: skip
+
+        batches.on_epoch_end = check_finished_epoch
 
         with progress:
             last_step = min(trainer.max_steps, trainer.stop_at_step or trainer.max_steps)
@@ -399,6 +429,7 @@ def train(
             "peak_flops_source": peak_note, "seconds_blocked_by_checkpoints": blocked_by_save,
             "peak_memory_bytes_per_rank": [int(p.item()) for p in peaks], "nonfinite_steps": guard.total,
             "stand_in_batches": batches.stand_ins, "planned_epochs": batches.planned_epochs,
+            **(bad_data or BadData()).summary(),
             "mesh": dict(zip(env.mesh.mesh_dim_names or (), env.mesh.shape)),
             "placements": _placements(model),
             **compile_counters(trainer.compile), **final_eval,
