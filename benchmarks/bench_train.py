@@ -32,6 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# first, before torch: it sets the OpenMP wait policy that the CLI's processes get (defocus_scale/__init__)
+import defocus_scale  # noqa: F401
+
+# isort: split
 import timm
 import torch
 import torch.nn.functional as F
@@ -296,6 +300,8 @@ def main() -> int:
                         default=["defocus_vit_small", "defocus_mamba_small"])  # fmt: skip
     parser.add_argument("--sync-baseline", default=None, help="older commit for the before/after sync rows")
     parser.add_argument("--host-syncs-only", action="store_true", help="section 4 alone")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="section 1 alone, to results/bench_train_throughput.json")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -323,6 +329,15 @@ def main() -> int:
                       f"{row['mfu']:.1%}")  # fmt: skip
     console.print(table)
     console.print(f"MFU peak per device: {peak_source}")
+    if args.throughput_only:
+        torch.distributed.destroy_process_group()
+        path = write_result("bench_train_throughput", {
+            "settings": vars(args) | {"out": str(args.out) if args.out else None},
+            "peak_flops_per_device": peak, "peak_flops_source": peak_source,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "throughput": throughput,
+        }, args.out)  # fmt: skip
+        console.print(f"wrote {path}")
+        return 0
 
     production = production_path(args.production_models, env, args.image_size, args.batch, args.steps)
     prod_table = Table(title=f"Production path, batch {args.batch} at {args.image_size} px, {env.device}")

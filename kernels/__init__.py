@@ -4,12 +4,14 @@ Each operator has a naive definition (``<op>/naive.py``, tests only), a fast PyT
 kernel, all behind one public function in ``ops.py``.
 """
 
+from .conv import causal_depthwise_conv1d
 from .ops import ATTENTION_BACKENDS, SCAN_BACKENDS, defocus_attention, retention_scan, selective_scan
 from .rotary import published_rotary, rotate_by_position, rotate_pairs
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "SCAN_BACKENDS",
+    "causal_depthwise_conv1d",
     "defocus_attention",
     "published_rotary",
     "retention_scan",

@@ -2,10 +2,9 @@
 
 Backends:
 
-* ``"auto"`` - Triton for CUDA tensors (FlexAttention for attention), fast PyTorch on CPU (the numba
-  scan is opt-in until it beats its JIT cost and meets its targets: a fresh process pays ~7-25 s of JIT
-  or cache loading at its first call, which short CPU runs and the test suite's many processes do not
-  win back);
+* ``"auto"`` - Triton for CUDA tensors (FlexAttention for attention); on CPU the numba-compiled
+  selective scan (``"cpu"``; the PyTorch form where numba is missing) and the fast PyTorch forms of the
+  other operators;
 * ``"torch"`` - the fast PyTorch forms (any device; the selective scan's is its readable reference);
 * ``"cpu"`` - selective scan only: the numba-compiled scan (``selective/cpu.py``, CPU tensors);
 * ``"triton"`` - the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
@@ -55,7 +54,7 @@ def _resolve_scan_backend(backend: str, x: torch.Tensor, cpu_scan: bool = False)
     if backend == "auto":
         if x.is_cuda:
             return "triton"
-        return "torch"
+        return "cpu" if cpu_scan and x.device.type == "cpu" and _numba_installed() else "torch"
     if backend == "cpu" and not _numba_installed():
         raise ValueError("backend='cpu' needs numba (pip install numba)")
     if backend == "cpu" and x.device.type != "cpu":

@@ -136,7 +136,7 @@ def _launch_ray(job: WorkerJob) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from defocus_scale.train.config import collective_timeout_s
-    from defocus_scale.train.parallel import flight_recorder_env
+    from defocus_scale.train.parallel import worker_env
 
     orch = job.orchestration
     launcher = orch.launcher
@@ -163,8 +163,9 @@ def _launch_ray(job: WorkerJob) -> None:
                 max_failures=_ray_max_failures(launcher), max_preemption_failures=launcher.max_preemptions
             ),
             callbacks=[_recovery_callback(orch.run_dir)],
-            # Set before Ray Train's worker builds the (NCCL) group: a timed-out collective dumps its trace.
-            worker_runtime_env={"env_vars": flight_recorder_env(orch.run_dir)},
+            # Set before Ray Train's worker imports torch and builds the (NCCL) group: a timed-out
+            # collective dumps its trace; OpenMP threads do not spin between regions.
+            worker_runtime_env={"env_vars": worker_env(orch.run_dir)},
         ),
     )
     with ray_session(orch.cluster):
@@ -231,9 +232,9 @@ def _launch_torchrun(job: WorkerJob) -> None:
             f"--nproc-per-node={launcher.num_workers}", f"--max-restarts={_torchrun_max_restarts(launcher)}",
             "-m", "defocus_scale.orchestration.worker", job_file,
         ]  # fmt: skip
-        from defocus_scale.train.parallel import flight_recorder_env
+        from defocus_scale.train.parallel import worker_env
 
-        env = {**flight_recorder_env(job.orchestration.run_dir), **os.environ}  # the user's settings win
+        env = {**worker_env(job.orchestration.run_dir), **os.environ}  # the user's settings win
         # torchrun's agent gets SIGTERM (and stops its workers) if this driver dies: no orphaned job.
         completed = subprocess.run(command, check=False, env=env, preexec_fn=_terminate_with_parent)
     if completed.returncode != 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import defocus_scale  # noqa: F401  (first, before torch: it sets the OpenMP wait policy, see its module)
+
 
 @pytest.fixture
 def world_of_one():

@@ -86,7 +86,7 @@ def test_backend_choice_on_cpu():
     from defocus_scale.kernels.ops import _resolve_scan_backend
 
     x = torch.zeros(1, 1, 1)
-    assert _resolve_scan_backend("auto", x, cpu_scan=True) == "torch"  # the numba scan is opt-in
+    assert _resolve_scan_backend("auto", x, cpu_scan=True) == "cpu"  # the numba scan is the CPU default
     assert _resolve_scan_backend("cpu", x, cpu_scan=True) == "cpu"
     assert _resolve_scan_backend("auto", x) == "torch"  # retention has no "cpu" backend
     with pytest.raises(ValueError, match="backend"):
@@ -262,3 +262,30 @@ def test_public_functions_survive_submodule_imports():
     import defocus_scale.kernels as kernels
 
     assert callable(kernels.selective_scan) and callable(kernels.retention_scan)
+
+
+@pytest.mark.parametrize("length", [1, 5, 197])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_depthwise_conv_forms_agree(length, dtype, with_bias):
+    """The channels-last shifted form (CPU default) equals the conv1d form, output and every gradient."""
+    from defocus_scale.kernels import causal_depthwise_conv1d
+
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, length, 24, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(24, 1, 4, generator=g).to(dtype).requires_grad_()  # an nn.Conv1d's layout
+    bias = torch.randn(24, generator=g).to(dtype).requires_grad_() if with_bias else None
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    results = []
+    for form in ("conv", "shifted"):
+        out = causal_depthwise_conv1d(x, weight, bias, form=form)
+        assert out.shape == x.shape and out.dtype == dtype
+        results.append((out, *torch.autograd.grad(out, inputs, torch.ones_like(out))))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for conv, shifted in zip(*results, strict=True):
+        torch.testing.assert_close(shifted, conv, **tol)
+    # causal: the first token sees only itself
+    first = causal_depthwise_conv1d(x[:, :1], weight, bias, form="shifted")
+    torch.testing.assert_close(first, results[1][0][:, :1], **tol)
+    with pytest.raises(ValueError, match="form"):
+        causal_depthwise_conv1d(x, weight, bias, form="fft")

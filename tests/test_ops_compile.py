@@ -17,7 +17,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from defocus_scale.kernels.ops import defocus_attention, retention_scan, selective_scan
-from defocus_scale.kernels.selective.cpu import selective_scan_cpu_bwd, selective_scan_cpu_fwd
+from defocus_scale.kernels.selective.cpu import (
+    mamba_epilogue_cpu_bwd,
+    mamba_epilogue_cpu_fwd,
+    selective_scan_cpu_bwd,
+    selective_scan_cpu_fwd,
+)
 from defocus_scale.kernels.selective.reference import selective_scan_bwd, selective_scan_fwd
 
 # ``selective_scan_fwd/bwd`` are also ``torch.ops.defocus.selective_scan_fwd/bwd``
@@ -190,4 +195,15 @@ def test_opcheck_selective_scan_ops():
         torch.library.opcheck(selective_scan_bwd, (dy, *(t.detach() for t in args), states))
         # the numba CPU scan's ops (float32 and float64 kernels)
         torch.library.opcheck(selective_scan_cpu_fwd, tuple(args))
-        torch.library.opcheck(selective_scan_cpu_bwd, (dy, *(t.detach() for t in args)))
+        _, bounds = selective_scan_cpu_fwd(*(t.detach() for t in args))
+        torch.library.opcheck(selective_scan_cpu_bwd, (dy, *(t.detach() for t in args), bounds))
+        # the fused epilogue's ops, with and without D / z / the group norm
+        z = torch.randn(2, 5, 3, dtype=dtype, generator=g).requires_grad_()
+        D = torch.randn(3, dtype=dtype, generator=g).requires_grad_()
+        for epilogue_args in ((y, u, D, z, 3), (y, u, None, z, 0), (y, u, D, None, 3)):
+            epilogue_args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t
+                                  for t in epilogue_args)  # fmt: skip
+            torch.library.opcheck(mamba_epilogue_cpu_fwd, epilogue_args)
+            rstd = mamba_epilogue_cpu_fwd(*epilogue_args)[1].detach()
+            plain = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in epilogue_args)
+            torch.library.opcheck(mamba_epilogue_cpu_bwd, (torch.randn_like(y), *plain[:4], rstd, plain[4]))

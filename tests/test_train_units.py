@@ -164,6 +164,18 @@ def test_flop_count_matches_vit_formula() -> None:
     assert flops == pytest.approx(3 * 2 * 4.6e9, rel=0.02)
 
 
+def test_flop_count_of_depthwise_convolution_backward() -> None:
+    """A depthwise convolution's backward counts twice its forward (input and weight gradients), not
+    ``groups`` times more (torch's formula ignores groups): De-focus Mamba-S is 3 x its forward, as DeiT-S."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mamba = train_flops_per_sample(lambda: create_model("defocus_mamba_small"), 224)
+    with torch.device("meta"), FlopCounterMode(display=False) as forward:
+        create_model("defocus_mamba_small").train().forward_train(torch.empty(1, 3, 224, 224))
+    assert mamba == pytest.approx(3 * forward.get_total_flops(), rel=0.01)
+    assert mamba == pytest.approx(28.66e9, rel=0.01)
+
+
 def test_ema_update_and_swap() -> None:
     from defocus_scale.train.ema import ShardedEMA
 
@@ -290,3 +302,22 @@ def test_flight_recorder_dumps_beside_the_run_or_in_the_node_temp_dir(tmp_path: 
     assert local["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and int(local["TORCH_FR_BUFFER_SIZE"]) > 0
     remote = flight_recorder_env("s3://bucket/runs/mamba-b")["TORCH_FR_DUMP_TEMP_FILE"]
     assert remote == str(Path(tempfile.gettempdir()) / "defocus-flight-recorder" / "mamba-b" / "rank_")
+
+
+def test_openmp_threads_do_not_spin_in_our_processes(tmp_path) -> None:
+    """Importing defocus_scale (before torch) makes OpenMP threads passive unless the user chose; the
+    launchers pass the setting to their workers."""
+    import os
+    import subprocess
+    import sys
+
+    from defocus_scale.train.parallel import worker_env
+
+    probe = "import defocus_scale, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
+    assert worker_env(str(tmp_path))["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")

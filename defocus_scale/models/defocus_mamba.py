@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from defocus_scale.kernels import selective_scan
+from defocus_scale.kernels import causal_depthwise_conv1d, selective_scan
 from defocus_scale.models.registry import register_family
 from defocus_scale.models.trunk import DropPathRate, TokenClassifier, reject_scripting, scheduled_drop_path
 
@@ -86,15 +86,16 @@ class DefocusMambaMixer(nn.Module):
         return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        # Causal depthwise conv: left zero padding K-1 (the conv pads both sides; keep the first L).
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2))
+        # Causal depthwise conv (left zero padding K-1) with the nn.Conv1d's parameters, channels last.
+        x = F.silu(causal_depthwise_conv1d(x, self.conv1d.weight, self.conv1d.bias))
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         # Under bf16 the dt_proj bias, A_log, D and freq stay fp32 (FP32_PARAMETERS): as in the release, the
         # bias is added in fp32 to the (bf16) projection, so delta, A, D and freq reach the scan in fp32.
         bias = self.dt_proj.bias
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(bias.dtype) + bias) / self.delta_scale
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(bias.dtype) + bias)
+        if self.delta_scale != 1.0:  # (a division by 1 is a full pass over the tensor, forward and backward)
+            delta = delta / self.delta_scale
         A = -torch.exp(self.A_log)
         y = selective_scan(
             x, delta, A, B, C,

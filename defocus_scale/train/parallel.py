@@ -107,6 +107,13 @@ def flight_recorder_env(run_dir: str) -> dict[str, str]:
     }
 
 
+def worker_env(run_dir: str) -> dict[str, str]:
+    """Environment variables for the launchers' worker processes, set before they import torch: the
+    flight recorder's and the OpenMP wait policy (``OMP_WAIT_POLICY``, see ``defocus_scale/__init__``;
+    this process's own value is passed on)."""
+    return {**flight_recorder_env(run_dir), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def prepare_flight_recorder(run_dir: str) -> str:
     """Set the flight recorder's variables in this process (where not set already; before the NCCL group
     is created) and create its dump folder; returns the dump prefix in force."""

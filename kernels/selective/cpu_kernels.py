@@ -7,22 +7,31 @@ wheels per platform. numba installs from wheels (numba + llvmlite), compiles the
 machine code on first call (cached on disk, ``cache=True``), runs ``prange`` loops on all cores, and the
 same functions run as plain Python/NumPy under ``NUMBA_DISABLE_JIT=1`` for debugging.
 
-Work split: one task per (batch row, tile of ``TILE`` consecutive channels); every task is computed
-entirely by one thread, which writes only its own slice of every output, and the cross-task sums
-(``grad A`` over the batch, ``grad B``/``grad C`` over channel tiles) are left as partials that the
-caller sums in a fixed order: results are bitwise reproducible whatever the thread count or schedule.
-Inside a task the state ``(state, TILE)`` lives in a 1-2 KiB local array (L1) and every inner loop runs
-over the tile's channels, contiguous in memory, so LLVM vectorises it (AVX2: 8 fp32 lanes).
+Work split: one task per (batch row, tile of ``tile`` consecutive channels, chosen by the caller from
+the shapes alone: ``tile_width``); every task is computed entirely by one thread, which writes only its
+own slice of every output, and the cross-task sums (``grad A`` over the batch, ``grad B``/``grad C`` over
+channel tiles) are left as partials that the caller sums in a fixed order: results are bitwise
+reproducible whatever the thread count or schedule. Inside a task the state ``(state, tile)`` lives in a
+local array (L1/L2) and every inner loop runs over the tile's channels, contiguous in memory, so LLVM
+vectorises it (AVX2 or AVX-512 lanes). Wide tiles pay: per (token, state) the loop has scalar work (the
+``B``/``C`` loads, the ``grad B``/``grad C`` lane sums) that a wider tile spreads over more lanes; measured
+at the base shapes on one thread, tiles of 256 channels took about 0.7x the time of tiles of 64.
 
-``exp``: LLVM has no vector ``exp`` without SVML (not in the llvmlite wheels), and the scalar libm call
-blocks vectorisation and measured ~2x slower than this inlined polynomial, so float32 uses ``_exp``'s
-compiled form below (Cephes' ``expf``: Cody-Waite reduction, degree-7 polynomial, ``2^k`` built from the
-exponent bits; max relative error ~2e-7, 1-2 fp32 ulp). float64 keeps ``math.exp`` (exactness in the
-float64 tests matters more than speed there). Neither ``fastmath`` flag set allows reassociation, so
-the floating-point order is the one written here; the tile sums are explicit pairwise trees.
+Backward without a full-length scratch: the forward saves the state at the start of every ``CHUNK``
+tokens (``bounds``, 1/CHUNK of the states); the backward recomputes one chunk's states and decays from
+its bound into a scratch of ``2 x 17 x state x tile`` floats (L2), then runs the adjoint over that chunk.
+
+Decays: float32 computes ``exp(delta A)`` as ``2^(delta A log2 e)`` with an inlined polynomial
+(``_decay``: one rounding, a degree-5 polynomial, the exponent bits; relative error ~2e-7), which LLVM
+vectorises; LLVM has no vector ``exp`` without SVML (not in the llvmlite wheels), and the scalar libm
+call blocks vectorisation. float64 keeps ``math.exp`` (exactness in the float64 tests matters more than
+speed there). ``_FASTMATH`` allows no reassociation, so the floating-point order is the one written
+here, except in the backward's ``grad B``/``grad C`` channel sums and ``_group_sum``, where reassociation
+lets LLVM sum in vector lanes: their order is fixed by the compiled code, so results stay deterministic.
 
 Layouts (all C-contiguous): ``u, delta, dy, y: (batch, length, channels)``, ``AT: (state, channels)``
-(``A`` transposed, so a tile of channels is contiguous), ``B, C: (batch, length, state)``.
+(``A`` transposed, so a tile of channels is contiguous), ``B, C: (batch, length, state)``,
+``bounds: (batch, chunks, state, channels)``.
 """
 
 from __future__ import annotations
@@ -33,9 +42,9 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-TILE = 16  # channels per task: a power of two (the pairwise tile sums halve it); 2 AVX2 fp32 vectors
 # fastmath without "reassoc": contraction to FMA and no NaN/inf/signed-zero care, but no reordering of
 # sums (so that the written order, and with it the result, is what runs).
 _FASTMATH = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
@@ -91,150 +100,239 @@ def _exp_impl(x):
     return None
 
 
-@numba.njit(**_JIT)
-def _tile_sum(values, scratch):
-    """Sum of ``values[:TILE]`` as a pairwise tree (fixed order; each level a vectorised add)."""
-    half = TILE // 2
-    for i in range(half):
-        scratch[i] = values[i] + values[i + half]
-    half //= 2
-    while half >= 1:
-        for i in range(half):
-            scratch[i] = scratch[i] + scratch[i + half]
-        half //= 2
-    return scratch[0]
+
+MAX_TILE = 256  # channels per task at most (see the module docstring)
+LANES = 16  # tiles are whole multiples of this many channels (one AVX-512 or two AVX2 fp32 vectors)
+MIN_TASKS = 8  # narrower tiles until a call has this many tasks (for the cores), shapes permitting
+CHUNK = 16  # tokens per backward chunk: the forward saves the state at every chunk start
 
 
-@numba.njit(**_JIT)
-def _load_tile(src, b, t, e0, width, dst):
-    """``dst[:width] = src[b, t, e0:e0 + width]``, zeros beyond: padded lanes carry no signal (zero
-    delta and input give decay 1 and state 0), so the loops always run over the full TILE."""
+def tile_width(batch: int, channels: int) -> int:
+    """Channels per task for these shapes: ``MAX_TILE`` (or the channels rounded up to ``LANES``), halved
+    while the call would have fewer than ``MIN_TASKS`` tasks. Shapes only, never the thread count, so
+    that the partial sums, and with them the results, do not depend on the machine."""
+    tile = min(MAX_TILE, -(-channels // LANES) * LANES)
+    while tile > LANES and batch * -(-channels // tile) < MIN_TASKS:
+        tile = max(LANES, tile // 2 // LANES * LANES)
+    return tile
+
+
+_JIT_SUM = dict(_JIT, fastmath=_FASTMATH | {"reassoc"})
+
+
+LOG2E = 1.4426950408889634
+
+
+def _decay(dt, a, a2):
+    """``exp(dt * a)``; ``a2 = a log2(e)``. Plain Python: NumPy's. Compiled: see ``_decay_impl``."""
+    return np.exp(dt * a)
+
+
+@intrinsic
+def _rint_float32(typingctx, x):
+    """Round to the nearest integer (one ``vroundps`` in vectors)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.rint.f32")
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@intrinsic
+def _clamp_float32(typingctx, x, lo, hi):
+    """``min(max(x, lo), hi)`` as LLVM's maxnum/minnum: one ``vmaxps`` and one ``vminps`` in vectors
+    (a ``x if x > lo else lo`` select compiles to compares, mask logic and two blends)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.FloatType()])
+        fmax = cgutils.get_or_insert_function(builder.module, fnty, "llvm.maxnum.f32")
+        fmin = cgutils.get_or_insert_function(builder.module, fnty, "llvm.minnum.f32")
+        return builder.call(fmin, [builder.call(fmax, [args[0], args[1]]), args[2]])
+
+    return sig, codegen
+
+
+@intrinsic
+def _pow2_float32(typingctx, k):
+    """``2^k`` for an integral float32 ``k`` in [-126, 127]: ``(k + 127) << 23`` as float32 bits."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+
+    return sig, codegen
+
+
+@overload(_decay, jit_options=dict(fastmath=_FASTMATH, inline="always"))
+def _decay_impl(dt, a, a2):
+    if dt == types.float32:
+
+        def decay_float32(dt, a, a2):
+            # 2^x, x = dt a log2(e): x = k + f with k = rint(x), |f| <= 1/2, 2^f by a degree-5 polynomial
+            # (relative error 1.9e-7 over [-1/2, 1/2], fitted for this with 2^0 = 1), 2^k from the
+            # exponent bits; clamped so that 2^k stays a normal float (2^-126: smaller decays are 0 here)
+            x = _clamp_float32(dt * a2, np.float32(-126.0), np.float32(126.0))
+            k = _rint_float32(x)
+            f = x - k
+            p = np.float32(1.3218672247603536e-3)
+            p = p * f + np.float32(9.671698324382305e-3)
+            p = p * f + np.float32(5.550893023610115e-2)
+            p = p * f + np.float32(2.4022237956523895e-1)
+            p = p * f + np.float32(6.931468844413757e-1)
+            p = p * f + np.float32(1.0)  # exactly 1 at 0: no growth where delta is 0 (padded lanes)
+            return p * _pow2_float32(k)
+
+        return decay_float32
+    return lambda dt, a, a2: math.exp(dt * a)
+
+
+@numba.njit(inline="always", **_JIT)
+def _load_tile(src, b, t, e0, width, dst, tile):
+    """``dst[:width] = src[b, t, e0:e0 + width]``, zeros up to ``tile``: padded lanes carry no signal
+    (zero delta and input give decay 1 and state 0), so the loops always run over the full tile."""
     for i in range(width):
         dst[i] = src[b, t, e0 + i]
-    for i in range(width, TILE):
+    for i in range(width, tile):
         dst[i] = 0
 
 
 @numba.njit(parallel=True, **_JIT)
-def scan_fwd(u, delta, AT, B, C, y, threads):
-    """``y[b, t, e] = sum_n C[b, t, n] s_t[n, e]``, ``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t``.
-
-    ``threads``: the number of numba threads in use (sets the work split, never the result)."""
+def scan_fwd(u, delta, AT, B, C, y, bounds, threads, tile):
+    """``y[b, t, e] = sum_n C[b, t, n] s_t[n, e]``, ``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t``;
+    ``bounds[b, c, n, e] = s_{c CHUNK - 1}[n, e]`` (the state before chunk ``c``) for the backward.
+    ``tile``: channels per task (``tile_width``); ``threads``: how many threads to plan the tasks for."""
     batch, length, channels = u.shape
     n_state = AT.shape[0]
-    tiles = (channels + TILE - 1) // TILE
+    tiles = (channels + tile - 1) // tile
     tasks = batch * tiles
-    # a static split into ~4 chunks per thread, each allocating its scratch once (a fresh 400 KB
-    # scratch per task would be an mmap and page faults each time); ``threads`` comes from the caller
-    # (numba.get_num_threads() inside would make the function uncacheable)
     chunks = min(tasks, 4 * threads)
     for chunk in numba.prange(chunks):
-        s = np.empty((n_state, TILE), dtype=u.dtype)
-        a = np.zeros((n_state, TILE), dtype=u.dtype)
-        dt = np.empty(TILE, dtype=u.dtype)
-        ut = np.empty(TILE, dtype=u.dtype)
-        acc = np.empty(TILE, dtype=u.dtype)
+        s = np.empty((n_state, tile), dtype=u.dtype)
+        a = np.zeros((n_state, tile), dtype=u.dtype)
+        a2 = np.zeros((n_state, tile), dtype=u.dtype)
+        dt = np.empty(tile, dtype=u.dtype)
+        xt = np.empty(tile, dtype=u.dtype)
+        acc = np.empty(tile, dtype=u.dtype)
         for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
-            b, e0 = task // tiles, (task % tiles) * TILE
-            width = min(TILE, channels - e0)
+            b, e0 = task // tiles, (task % tiles) * tile
+            width = min(tile, channels - e0)
             for n in range(n_state):
                 for i in range(width):
                     a[n, i] = AT[n, e0 + i]
-                for i in range(TILE):
+                    a2[n, i] = AT[n, e0 + i] * LOG2E
+                for i in range(tile):
                     s[n, i] = 0
             for t in range(length):
-                _load_tile(delta, b, t, e0, width, dt)
-                _load_tile(u, b, t, e0, width, ut)
-                for i in range(TILE):
-                    ut[i] = dt[i] * ut[i]  # the input delta_t u_t
+                if t % CHUNK == 0:
+                    for n in range(n_state):
+                        for i in range(width):
+                            bounds[b, t // CHUNK, n, e0 + i] = s[n, i]
+                _load_tile(delta, b, t, e0, width, dt, tile)
+                _load_tile(u, b, t, e0, width, xt, tile)
+                for i in range(tile):
+                    xt[i] = dt[i] * xt[i]  # the input delta_t u_t
                     acc[i] = 0
                 for n in range(n_state):
                     bn, cn = B[b, t, n], C[b, t, n]
-                    for i in range(TILE):
-                        s[n, i] = _exp(dt[i] * a[n, i]) * s[n, i] + ut[i] * bn
+                    for i in range(tile):
+                        s[n, i] = _decay(dt[i], a[n, i], a2[n, i]) * s[n, i] + xt[i] * bn
                         acc[i] += cn * s[n, i]
                 for i in range(width):
                     y[b, t, e0 + i] = acc[i]
 
 
-@numba.njit(parallel=True, **_JIT)
-def scan_bwd(dy, u, delta, AT, B, C, du, ddelta, dAT_part, dB_part, dC_part, threads):
-    """Gradients of ``scan_fwd`` from ``dy``: ``du, ddelta`` in full; ``dAT_part: (batch, state,
-    channels)`` (sum over dim 0 for ``dA^T``), ``dB_part, dC_part: (tiles, batch, length, state)`` (sum
-    over dim 0). Each task recomputes its states into a ``(length + 1, state, TILE)`` scratch (row 0 the
-    zero initial state) with the decays beside them, then runs the adjoint recurrence backwards:
-    ``g_t = C_t dy_t + a_{t+1} g_{t+1}``. ``threads``: as in ``scan_fwd``."""
+@numba.njit(parallel=True, **_JIT_SUM)
+def scan_bwd(dy, u, delta, AT, B, C, bounds, du, ddelta, dAT_part, dB_part, dC_part, threads, tile):
+    """Gradients of ``scan_fwd`` from ``dy`` and its ``bounds``: ``du, ddelta`` in full; ``dAT_part:
+    (batch, state, channels)`` (sum over dim 0 for ``dA^T``), ``dB_part, dC_part: (tiles, batch, length,
+    state)`` (sum over dim 0). Chunk by chunk from the end, each task recomputes the chunk's states and
+    decays from its bound (L2-sized scratch), then runs the adjoint backwards with
+    ``carry_t = a_t g_t`` (``g_t = C_t dy_t + carry_{t+1}`` = d loss / d s_t). Compiled with
+    reassociation for the lane sums of ``grad B``/``grad C`` (one vector sum each per token and state)."""
     batch, length, channels = u.shape
     n_state = AT.shape[0]
-    tiles = (channels + TILE - 1) // TILE
+    tiles = (channels + tile - 1) // tile
     tasks = batch * tiles
-    # a static split into ~4 chunks per thread, each allocating its scratch once (a fresh 400 KB
-    # scratch per task would be an mmap and page faults each time); ``threads`` comes from the caller
-    # (numba.get_num_threads() inside would make the function uncacheable)
     chunks = min(tasks, 4 * threads)
     for chunk in numba.prange(chunks):
-        states = np.empty((length + 1, n_state, TILE), dtype=u.dtype)  # states[t + 1] = s_t
-        decays = np.empty((length + 1, n_state, TILE), dtype=u.dtype)  # decays[t] = a_t, decays[L] = 0
-        a = np.zeros((n_state, TILE), dtype=u.dtype)
-        g = np.empty((n_state, TILE), dtype=u.dtype)
-        grad_a = np.empty((n_state, TILE), dtype=u.dtype)
-        dt = np.empty(TILE, dtype=u.dtype)
-        ut = np.empty(TILE, dtype=u.dtype)
-        xt = np.empty(TILE, dtype=u.dtype)
-        dyt = np.empty(TILE, dtype=u.dtype)
-        gx = np.empty(TILE, dtype=u.dtype)
-        glog = np.empty(TILE, dtype=u.dtype)
-        terms = np.empty(TILE, dtype=u.dtype)
-        scratch = np.empty(TILE, dtype=u.dtype)
+        states = np.empty((CHUNK + 1, n_state, tile), dtype=u.dtype)  # states[j + 1] = s_{t0 + j}
+        decays = np.empty((CHUNK, n_state, tile), dtype=u.dtype)  # decays[j] = a_{t0 + j}
+        a = np.zeros((n_state, tile), dtype=u.dtype)
+        a2 = np.zeros((n_state, tile), dtype=u.dtype)
+        carry = np.empty((n_state, tile), dtype=u.dtype)
+        grad_a = np.empty((n_state, tile), dtype=u.dtype)
+        dt = np.empty(tile, dtype=u.dtype)
+        ut = np.empty(tile, dtype=u.dtype)
+        xt = np.empty(tile, dtype=u.dtype)
+        dyt = np.empty(tile, dtype=u.dtype)
+        gx = np.empty(tile, dtype=u.dtype)
+        glog = np.empty(tile, dtype=u.dtype)
         for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
-            b, tile = task // tiles, task % tiles
-            e0 = tile * TILE
-            width = min(TILE, channels - e0)
+            b, tix = task // tiles, task % tiles
+            e0 = tix * tile
+            width = min(tile, channels - e0)
             for n in range(n_state):
                 for i in range(width):
                     a[n, i] = AT[n, e0 + i]
-                for i in range(TILE):
-                    states[0, n, i] = 0
-                    decays[length, n, i] = 0
-                    g[n, i] = 0
+                    a2[n, i] = AT[n, e0 + i] * LOG2E
+                for i in range(tile):
+                    carry[n, i] = 0
                     grad_a[n, i] = 0
-            # forward again, keeping the tile's states and decays (L2-sized) instead of the whole
-            # (length, batch, channels, state) tensor the PyTorch form stores
-            for t in range(length):
-                _load_tile(delta, b, t, e0, width, dt)
-                _load_tile(u, b, t, e0, width, ut)
+            for c in range((length + CHUNK - 1) // CHUNK - 1, -1, -1):
+                t0 = c * CHUNK
+                steps = min(CHUNK, length - t0)
                 for n in range(n_state):
-                    bn = B[b, t, n]
-                    for i in range(TILE):
-                        decay = _exp(dt[i] * a[n, i])
-                        decays[t, n, i] = decay
-                        states[t + 1, n, i] = decay * states[t, n, i] + dt[i] * ut[i] * bn
-            for t in range(length - 1, -1, -1):
-                _load_tile(delta, b, t, e0, width, dt)
-                _load_tile(u, b, t, e0, width, ut)
-                _load_tile(dy, b, t, e0, width, dyt)
-                for i in range(TILE):
-                    xt[i] = dt[i] * ut[i]
-                    gx[i] = 0  # d loss / d(delta_t u_t)
-                    glog[i] = 0  # d loss / d delta_t through the decay
-                for n in range(n_state):
-                    bn, cn = B[b, t, n], C[b, t, n]
-                    for i in range(TILE):
-                        gn = dyt[i] * cn + decays[t + 1, n, i] * g[n, i]
-                        g[n, i] = gn
-                        gx[i] += gn * bn
-                        # d loss / d(delta_t A) = g_t s_{t-1} a_t (zero at t = 0: s_{-1} = 0)
-                        grad_log = gn * states[t, n, i] * decays[t, n, i]
-                        glog[i] += grad_log * a[n, i]
-                        grad_a[n, i] += grad_log * dt[i]
-                        terms[i] = gn * xt[i]
-                    dB_part[tile, b, t, n] = _tile_sum(terms, scratch)
-                    for i in range(TILE):
-                        terms[i] = states[t + 1, n, i] * dyt[i]
-                    dC_part[tile, b, t, n] = _tile_sum(terms, scratch)
-                for i in range(width):
-                    du[b, t, e0 + i] = gx[i] * dt[i]
-                    ddelta[b, t, e0 + i] = glog[i] + gx[i] * ut[i]
+                    for i in range(width):
+                        states[0, n, i] = bounds[b, c, n, e0 + i]
+                    for i in range(width, tile):
+                        states[0, n, i] = 0
+                for j in range(steps):
+                    _load_tile(delta, b, t0 + j, e0, width, dt, tile)
+                    _load_tile(u, b, t0 + j, e0, width, xt, tile)
+                    for i in range(tile):
+                        xt[i] = dt[i] * xt[i]
+                    for n in range(n_state):
+                        bn = B[b, t0 + j, n]
+                        for i in range(tile):
+                            decay = _decay(dt[i], a[n, i], a2[n, i])
+                            decays[j, n, i] = decay
+                            states[j + 1, n, i] = decay * states[j, n, i] + xt[i] * bn
+                for j in range(steps - 1, -1, -1):
+                    t = t0 + j
+                    _load_tile(delta, b, t, e0, width, dt, tile)
+                    _load_tile(u, b, t, e0, width, ut, tile)
+                    _load_tile(dy, b, t, e0, width, dyt, tile)
+                    for i in range(tile):
+                        xt[i] = dt[i] * ut[i]
+                        gx[i] = 0  # d loss / d(delta_t u_t)
+                        glog[i] = 0  # d loss / d delta_t through the decay
+                    for n in range(n_state):
+                        bn, cn = B[b, t, n], C[b, t, n]
+                        db = bn * 0  # grad B and grad C of (t, n): lane sums over the tile
+                        dc = db
+                        for i in range(tile):
+                            g = dyt[i] * cn + carry[n, i]
+                            db += g * xt[i]
+                            dc += states[j + 1, n, i] * dyt[i]
+                            gx[i] += g * bn
+                            ag = decays[j, n, i] * g
+                            carry[n, i] = ag
+                            # d loss / d(delta_t A) = g_t a_t s_{t-1} (zero at t = 0: s_{-1} = 0)
+                            grad_log = ag * states[j, n, i]
+                            glog[i] += grad_log * a[n, i]
+                            grad_a[n, i] += grad_log * dt[i]
+                        dB_part[tix, b, t, n] = db
+                        dC_part[tix, b, t, n] = dc
+                    for i in range(width):
+                        du[b, t, e0 + i] = gx[i] * dt[i]
+                        ddelta[b, t, e0 + i] = glog[i] + gx[i] * ut[i]
             for n in range(n_state):
                 for i in range(width):
                     dAT_part[b, n, e0 + i] = grad_a[n, i]
+
