@@ -26,6 +26,10 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+# first, before torch: it sets the OpenMP wait policy that the CLI's processes get (defocus_scale/__init__)
+import defocus_scale  # noqa: F401
+
+# isort: split
 import numba
 import numpy as np
 import torch

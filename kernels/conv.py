@@ -24,12 +24,13 @@ def causal_depthwise_conv1d(
 ) -> torch.Tensor:
     """``x: (batch, length, channels)``, ``weight: (channels, K)`` or ``(channels, 1, K)`` (a depthwise
     ``nn.Conv1d``'s), ``bias: (channels,)`` -> ``(batch, length, channels)``; ``form``: see the module
-    (``"auto"``: ``"conv"`` on CUDA, ``"shifted"`` elsewhere)."""
+    (``"auto"``: ``"conv"`` on CUDA and on the meta device, where FLOP counters, which count
+    convolutions but not elementwise products, take their shapes-only pass; ``"shifted"`` elsewhere)."""
     if form not in CONV_FORMS:
         raise ValueError(f"form must be one of {CONV_FORMS}, got {form!r}")
     channels = x.shape[-1]
     taps = weight.reshape(channels, -1)
-    if form == "conv" or (form == "auto" and x.is_cuda):
+    if form == "conv" or (form == "auto" and x.device.type in ("cuda", "meta")):
         length, kernel = x.shape[1], taps.shape[1]
         out = F.conv1d(x.transpose(1, 2), taps[:, None], bias, padding=kernel - 1, groups=channels)
         return out[..., :length].transpose(1, 2)

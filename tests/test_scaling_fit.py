@@ -162,6 +162,36 @@ def test_plan_is_deterministic_and_ids_change_with_settings():
     assert not {t.trial_id for t in changed} & {t.trial_id for t in first}
 
 
+def test_largest_budget_seeds_add_trials_at_the_largest_budget_only():
+    cfg = load_sweep_config("tiny_cpu")
+    base = plan_trials(cfg)
+    extra = plan_trials(dataclasses.replace(cfg, largest_budget_seeds=[1, 0, 1]))  # 0 is in seeds already
+    largest = max(cfg.budgets.values)
+    base_ids = {t.trial_id for t in base}
+    assert base_ids <= {t.trial_id for t in extra}  # the other trials keep their ids
+    added = [t for t in extra if t.trial_id not in base_ids]
+    sizes_at_largest = {(t.width, t.depth) for t in base if t.compute > largest * 0.8}
+    assert len(added) == len(sizes_at_largest) > 0
+    for trial in added:
+        assert trial.seed == 1 and trial.compute > largest * 0.8
+        twin = next(t for t in base if (t.width, t.depth, t.images, t.seed) == (trial.width, trial.depth,
+                                                                              trial.images, 0))
+        assert dataclasses.replace(twin, trial_id=trial.trial_id, seed=1) == trial
+    assert load_sweep_config("tiny_cpu", ["largest_budget_seeds=[2]"]).largest_budget_seeds == [2]
+
+
+def test_operator_backend_is_not_part_of_a_trials_identity():
+    """The same trial with the PyTorch or the numba scan is one trial (the backends agree to rounding):
+    a sweep resumed with another backend does not rerun what finished. The FLOP count, made on the meta
+    device, does not depend on it either."""
+    cfg = load_sweep_config("defocus_mamba_cifar_cpu")
+    auto = plan_trials(cfg)
+    torch_scan = plan_trials(load_sweep_config("defocus_mamba_cifar_cpu", ["model_overrides.backend=torch"]))
+    assert [t.trial_id for t in auto] == [t.trial_id for t in torch_scan]
+    assert [t.flops_per_image for t in auto] == [t.flops_per_image for t in torch_scan]
+    assert all(t.model_kwargs["backend"] == "torch" for t in torch_scan)
+
+
 def test_plan_rejects_bad_config():
     cfg = load_sweep_config("tiny_cpu")
     with pytest.raises(ValueError, match="head_dim"):

@@ -65,6 +65,23 @@ def test_fp32_scan_close_to_float64_naive_at_length_197():
         assert error < 2e-5, (name, error)
 
 
+def test_fp32_scan_at_the_widest_tile():
+    """Shapes that take ``MAX_TILE``-channel tasks (the base models' case), the last tile partial: the
+    fp32 kernels still match the float64 definition, output and every gradient."""
+    batch, channels = 8, cpu_kernels.MAX_TILE + 44
+    assert cpu_kernels.tile_width(batch, channels) == cpu_kernels.MAX_TILE
+    args = _inputs(batch, 37, channels, 4, seed=3)
+    dy = torch.randn(batch, 37, channels, generator=torch.Generator().manual_seed(4))
+    got = _run(args, dy, threads=torch.get_num_threads())
+    got.pop(1)  # the chunk bounds
+    high = [t.double().requires_grad_() for t in args]
+    ref = selective_scan_naive(*high)
+    ref_grads = torch.autograd.grad((ref * dy.double()).sum(), high)
+    for name, g, r in zip(["y", "u", "delta", "A", "B", "C"], got, [ref, *ref_grads], strict=True):
+        error = ((g.double() - r).abs().max() / r.abs().max()).item()
+        assert error < 2e-5, (name, error)
+
+
 def test_fp32_exp_polynomial():
     """The compiled fp32 ``exp`` (no SVML in llvmlite, so a vectorisable polynomial): within 4e-7
     relative over the decays' range, exactly 1 at 0, and no overflow or NaN at the clamps."""

@@ -82,6 +82,9 @@ class SweepConfig:
     batch_size: int = MISSING
     min_steps: int = 1  # budgets giving fewer optimizer steps than this are left out of the plan
     seeds: list[int] = field(default_factory=lambda: [0])
+    # Seeds run, in addition to ``seeds``, at the largest budget only (a seed spread where it is cheapest
+    # to read against the gaps the sweep measures); a seed already in ``seeds`` is not run twice.
+    largest_budget_seeds: list[int] = field(default_factory=list)
     data: str = "synthetic"  # the configs/data option trials train on; train.data keys are merged onto it
     warmup_fraction: float = 0.1  # of each trial's steps (schedule.warmup_steps, at least 1 step)
     # Trainer settings (keys of configs/train.yaml's trainer part: data, optim, schedule, trainer,
@@ -229,8 +232,9 @@ def trial_id(family: str, width: int, depth: int, identity: dict[str, Any]) -> s
 
 
 def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
-    """Every trial of the sweep (sizes x budgets x seeds), in a stable order; budgets too small for
-    ``min_steps`` steps of ``batch_size`` are logged and left out."""
+    """Every trial of the sweep (sizes x budgets x seeds, plus ``largest_budget_seeds`` at the largest
+    budget), in a stable order; budgets too small for ``min_steps`` steps of ``batch_size`` are logged
+    and left out."""
     if cfg.budgets.kind not in ("compute", "images"):
         raise ValueError(
             f"sweep {cfg.name}: budgets.kind must be 'compute' or 'images', got {cfg.budgets.kind!r}"
@@ -240,6 +244,8 @@ def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
     if not 0.0 <= cfg.warmup_fraction < 1.0:
         raise ValueError(f"sweep {cfg.name}: warmup_fraction must lie in [0, 1), got {cfg.warmup_fraction}")
     model_name = base_variant(cfg.family)
+    largest_budget = max(cfg.budgets.values, default=None)
+    extra_seeds = [s for s in dict.fromkeys(cfg.largest_budget_seeds) if s not in cfg.seeds]
     trials: list[TrialSpec] = []
     for size in cfg.sizes:
         kwargs = size_kwargs(cfg, size)
@@ -263,9 +269,13 @@ def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
                 continue
             images = steps * cfg.batch_size
             warmup = max(1, round(cfg.warmup_fraction * steps)) if cfg.warmup_fraction else 0
-            for seed in cfg.seeds:
+            seeds = [*cfg.seeds, *extra_seeds] if budget == largest_budget else cfg.seeds
+            # the operators' implementation (``backend``) changes how fast a trial runs, not what it
+            # computes (the backends agree to rounding, tested): not part of its identity
+            identified = {k: v for k, v in kwargs.items() if k != "backend"}
+            for seed in seeds:
                 identity = dict(
-                    model=model_name, model_kwargs=kwargs, images=images, batch_size=cfg.batch_size,
+                    model=model_name, model_kwargs=identified, images=images, batch_size=cfg.batch_size,
                     lr=lr, seed=seed, data=cfg.data, train=cfg.train, warmup_steps=warmup,
                 )  # fmt: skip
                 trials.append(
