@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-# first, before torch: it sets the OpenMP wait policy that the CLI's processes get (defocus_scale/__init__)
+# first, before torch: it caps OpenMP's spin as in the CLI's processes (defocus_scale/__init__)
 import defocus_scale  # noqa: F401
 
 # isort: split

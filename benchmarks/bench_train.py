@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# first, before torch: it sets the OpenMP wait policy that the CLI's processes get (defocus_scale/__init__)
+# first, before torch: it caps OpenMP's spin as in the CLI's processes (defocus_scale/__init__)
 import defocus_scale  # noqa: F401
 
 # isort: split
@@ -334,7 +334,8 @@ def main() -> int:
         path = write_result("bench_train_throughput", {
             "settings": vars(args) | {"out": str(args.out) if args.out else None},
             "peak_flops_per_device": peak, "peak_flops_source": peak_source,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "throughput": throughput,
+            "openmp_env": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
+            "throughput": throughput,
         }, args.out)  # fmt: skip
         console.print(f"wrote {path}")
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import defocus_scale  # noqa: F401  (first, before torch: it sets the OpenMP wait policy, see its module)
+import defocus_scale  # noqa: F401  (first, before torch: it caps OpenMP's spin, see its module)
 
 
 @pytest.fixture

@@ -109,9 +109,10 @@ def flight_recorder_env(run_dir: str) -> dict[str, str]:
 
 def worker_env(run_dir: str) -> dict[str, str]:
     """Environment variables for the launchers' worker processes, set before they import torch: the
-    flight recorder's and the OpenMP wait policy (``OMP_WAIT_POLICY``, see ``defocus_scale/__init__``;
-    this process's own value is passed on)."""
-    return {**flight_recorder_env(run_dir), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    flight recorder's and this process's OpenMP wait settings (``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY``,
+    see ``defocus_scale/__init__``)."""
+    openmp = {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ}
+    return {**flight_recorder_env(run_dir), **openmp}
 
 
 def prepare_flight_recorder(run_dir: str) -> str:
