@@ -202,6 +202,16 @@ def _load_tile(src, b, t, e0, width, dst, tile):
         dst[i] = 0
 
 
+@numba.njit(inline="always", **_JIT)
+def _load_rates(AT, e0, width, a, a2):
+    """A task's decay rates: ``a[n, :width] = A^T[n, e0:e0 + width]`` and ``a2 = a log2(e)`` (the lanes
+    past ``width`` keep the zeros they were allocated with: decay 1 on padded lanes)."""
+    for n in range(AT.shape[0]):
+        for i in range(width):
+            a[n, i] = AT[n, e0 + i]
+            a2[n, i] = AT[n, e0 + i] * LOG2E
+
+
 @numba.njit(parallel=True, **_JIT)
 def scan_fwd(u, delta, AT, B, C, y, bounds, threads, tile):
     """``y[b, t, e] = sum_n C[b, t, n] s_t[n, e]``, ``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t``;
@@ -222,10 +232,8 @@ def scan_fwd(u, delta, AT, B, C, y, bounds, threads, tile):
         for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
             b, e0 = task // tiles, (task % tiles) * tile
             width = min(tile, channels - e0)
+            _load_rates(AT, e0, width, a, a2)
             for n in range(n_state):
-                for i in range(width):
-                    a[n, i] = AT[n, e0 + i]
-                    a2[n, i] = AT[n, e0 + i] * LOG2E
                 for i in range(tile):
                     s[n, i] = 0
             for t in range(length):
@@ -277,10 +285,8 @@ def scan_bwd(dy, u, delta, AT, B, C, bounds, du, ddelta, dAT_part, dB_part, dC_p
             b, tix = task // tiles, task % tiles
             e0 = tix * tile
             width = min(tile, channels - e0)
+            _load_rates(AT, e0, width, a, a2)
             for n in range(n_state):
-                for i in range(width):
-                    a[n, i] = AT[n, e0 + i]
-                    a2[n, i] = AT[n, e0 + i] * LOG2E
                 for i in range(tile):
                     carry[n, i] = 0
                     grad_a[n, i] = 0
