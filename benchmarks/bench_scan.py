@@ -18,7 +18,10 @@ interpreter: that checks the script end to end on CPU; its timings mean nothing.
 
 Bytes model for GB/s and % of the memory roofline (the least HBM traffic of the fused operator, the
 same bytes for every implementation, so GB/s compares like with like): every tensor the operator
-takes or returns moves once, ``s`` bytes per element in the input dtype.
+takes or returns moves once, ``s`` bytes per element in the input dtype (``delta`` and its gradient in
+fp32, as the model passes them). On CUDA the Triton rows also carry the kernel report's estimates and
+floors for this GPU (``est_fwd_ms`` ...; ``benchmarks/kernel_report.py``, the same launchers), so that
+measured times sit beside the estimates.
 * selective forward: reads u, delta, z, B, C; writes out; writes the fp32 chunk-boundary states
   (one per 32 tokens). Backward: reads u, delta, z, dout, B, C and the boundary states; writes du,
   ddelta, dz and the fp32 per-tile partials of dB and dC. The backward's recomputation scratch is
@@ -91,11 +94,10 @@ def _selective_inputs(case: Case, dtype: torch.dtype, device: str) -> dict[str, 
     def rand(*shape, scale=1.0, shift=0.0):
         return torch.randn(*shape, generator=g, device=device) * scale + shift
 
-    tensors = dict(
-        u=rand(b, L, E), delta=torch.rand(b, L, E, generator=g, device=device) * 0.1, z=rand(b, L, E),
-        B=rand(b, L, N), C=rand(b, L, N),
-    )  # fmt: skip
+    tensors = dict(u=rand(b, L, E), z=rand(b, L, E), B=rand(b, L, N), C=rand(b, L, N))
     tensors = {n: t.to(dtype) for n, t in tensors.items()}
+    # as the model calls the scan: delta (softplus of a projection plus its fp32 bias) in fp32
+    tensors["delta"] = torch.rand(b, L, E, generator=g, device=device) * 0.1
     tensors["A"] = -torch.arange(1, N + 1, device=device, dtype=torch.float32).repeat(E, 1)
     tensors["freq"] = torch.rand(N, generator=g, device=device)
     tensors["D"] = torch.ones(E, device=device)
@@ -186,11 +188,11 @@ def _bytes(case: Case, element: int) -> tuple[float, float]:
     b, L = case.batch, case.length
     if case.kind == "selective":
         E, N = case.width, case.inner
-        big, small = b * L * E * element, b * L * N * element
+        big, small, delta = b * L * E * element, b * L * N * element, b * L * E * 4  # delta is fp32
         boundary = b * -(-L // BOUNDARY_CHUNK) * E * N * 4
         tiles = E // case.group if case.group else -(-E // 32)
         partials = 2 * b * L * tiles * N * 4
-        return 4 * big + 2 * small + boundary, 7 * big + 2 * small + boundary + partials
+        return 3 * big + delta + 2 * small + boundary, 5 * big + 2 * delta + 2 * small + boundary + partials
     H, d = case.width, case.inner
     token = b * L * H * d * element
     return 4 * token, 7 * token
@@ -221,6 +223,32 @@ def _measure(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], o
     )
     both = _time(lambda: torch.autograd.grad(fn(**inputs), leaves, grad, allow_unused=True), on_cuda, repeats)
     return forward, backward, both
+
+
+def _report_estimates(case: Case, dtype: torch.dtype) -> dict[str, float] | None:
+    """The kernel report's estimates and floors (``benchmarks/kernel_report.py``) for our kernels at this
+    case, for this GPU's arch, built from the same launchers: measured times sit beside them. None where
+    the report does not model the arch."""
+    import kernel_report
+
+    from defocus_scale.kernels import aot
+
+    if case.kind == "selective" and (case.inner, case.group) != (kernel_report.STATE, kernel_report.GROUP):
+        return None
+    if case.kind == "retention" and case.inner != kernel_report.HEAD_DIM:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    if arch not in aot.ARCHS or arch not in aot.available_archs():
+        return None
+    name = "selective_scan" if case.kind == "selective" else "retention"
+    launches = kernel_report.KERNELS[name][1](case.width, case.length, case.batch, dtype)
+    fields = {}
+    for direction, launch in zip(("fwd", "bwd"), launches, strict=True):
+        record = aot.report_record(launch, arch)
+        fields[f"est_{direction}_ms"] = record["est_ms"]
+        fields[f"floor_{direction}_ms"] = record["floor_ms"]
+    return fields
 
 
 def _peak_gbps(device_name: str) -> float | None:
@@ -281,6 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                 "roofline_pct": 100 * gbps / peak if peak else None,
             }  # fmt: skip
         if "triton" in case_rows:
+            if on_cuda:
+                estimates = _report_estimates(case, dtype)
+                if estimates:
+                    triton_row = case_rows["triton"]
+                    triton_row.update(estimates)
+                    for direction in ("fwd", "bwd"):
+                        triton_row[f"{direction}_vs_estimate"] = (
+                            triton_row[f"{direction}_ms"] / estimates[f"est_{direction}_ms"]
+                        )
             for name, row in case_rows.items():
                 if name != "triton":
                     case_rows["triton"][f"speedup_vs_{name}"] = (
@@ -292,14 +329,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     table = Table(title=f"bandpass scans, {args.dtype}, on {device_name} (peak {peak or '?'} GB/s)")
-    for column in ("shape", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "GB/s", "% roofline", "speedups"):
+    columns = ("shape", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "est fwd/bwd ms", "GB/s", "% roofline",
+               "speedups")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column in ("shape", "impl", "speedups") else "right")
     for row in rows:
         speedups = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
         roofline = f"{row['roofline_pct']:.0f}" if row["roofline_pct"] is not None else "-"
+        estimate = f"{row['est_fwd_ms']:.3f} / {row['est_bwd_ms']:.3f}" if "est_fwd_ms" in row else "-"
         table.add_row(
             row["shape"], row["implementation"], f"{row['fwd_ms']:.3f}", f"{row['bwd_ms']:.3f}",
-            f"{row['fwd_bwd_ms']:.3f}", f"{row['fwd_bwd_gbps']:.3g}", roofline, speedups,
+            f"{row['fwd_bwd_ms']:.3f}", estimate, f"{row['fwd_bwd_gbps']:.3g}", roofline, speedups,
         )  # fmt: skip
     Console(width=160).print(table)
     for item in skipped:
