@@ -10,7 +10,8 @@ forward+backward; on CUDA with ``triton.testing.do_bench``, on CPU as the median
 Implementations: ``triton`` (ours, epilogue fused); ``torch`` (the fast PyTorch reference,
 ``backend="torch"``); ``unfused`` (what the released code runs: rotary on B and C, the scan, then
 the group norm, ``+ D u`` and the gate as separate PyTorch ops; the scan is our Triton kernel without
-its epilogue); ``mamba_ssm`` (the same with mamba-ssm's CUDA scan, when installed); ``fla``
+its epilogue); ``mamba_ssm`` / ``mamba_ssm_ref`` (the same with mamba-ssm's CUDA scan / its PyTorch
+``selective_scan_ref``, when installed); ``fla``
 (flash-linear-attention's ``chunk_simple_gla`` with a per-head decay, kernel only: q and k rotated
 beforehand and no gradient for the decay, so it does less work than ours). On CPU only ``torch``
 runs (the kernels need a GPU), unless ``--interpret`` asks for the Triton rows in the Triton
@@ -137,19 +138,24 @@ def _selective_implementations(case: Case, with_triton: bool) -> dict[str, Calla
     if with_triton:
         implementations = {"triton": fused, "unfused": unfused, **implementations}
         try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref
         except ImportError:
             pass
         else:
 
-            def published(u, delta, A, B, C, freq, D, z):
-                B, C = published_rotary(B.float(), freq), published_rotary(C.float(), freq)
-                y = selective_scan_fn(
-                    u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2)
-                ).transpose(1, 2)
-                return epilogue(y, u, D, z)
+            def released(scan):
+                def run(u, delta, A, B, C, freq, D, z):
+                    B, C = published_rotary(B.float(), freq), published_rotary(C.float(), freq)
+                    y = scan(
+                        u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2)
+                    ).transpose(1, 2)
+                    return epilogue(y, u, D, z)
 
-            implementations["mamba_ssm"] = published
+                return run
+
+            implementations["mamba_ssm"] = released(selective_scan_fn)  # its CUDA scan
+            # its PyTorch scan: what the release runs where the CUDA extension is missing
+            implementations["mamba_ssm_ref"] = released(selective_scan_ref)
     return implementations
 
 
