@@ -75,15 +75,18 @@ def _load_token(ptrs, rows, token, MODE: tl.constexpr, HAS_D: tl.constexpr, HAS_
 @triton.jit
 def _load_stage(ptrs, rows, token, MODE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                 STATE: tl.constexpr, TOKENS: tl.constexpr):  # fmt: skip
-    """The inputs of ``TOKENS`` (1, 2 or 4) tokens from ``token`` on (copies past ``TOKENS``)."""
+    """The inputs of ``TOKENS`` (1, 2 or 4) tokens from ``token`` on, a tuple of ``TOKENS`` (exactly: a
+    padded tuple would be carried through the loop, copies and all)."""
     first = _load_token(ptrs, rows, token, MODE, HAS_D, HAS_Z, STATE)
-    second, third, fourth = first, first, first
-    if TOKENS >= 2:
-        second = _load_token(ptrs, rows, token + 1, MODE, HAS_D, HAS_Z, STATE)
-    if TOKENS == 4:
-        third = _load_token(ptrs, rows, token + 2, MODE, HAS_D, HAS_Z, STATE)
-        fourth = _load_token(ptrs, rows, token + 3, MODE, HAS_D, HAS_Z, STATE)
-    return first, second, third, fourth
+    if TOKENS == 1:
+        stage = (first,)
+    elif TOKENS == 2:
+        stage = (first, _load_token(ptrs, rows, token + 1, MODE, HAS_D, HAS_Z, STATE))
+    else:
+        stage = (first, _load_token(ptrs, rows, token + 1, MODE, HAS_D, HAS_Z, STATE),
+                 _load_token(ptrs, rows, token + 2, MODE, HAS_D, HAS_Z, STATE),
+                 _load_token(ptrs, rows, token + 3, MODE, HAS_D, HAS_Z, STATE))  # fmt: skip
+    return stage
 
 
 @triton.jit
@@ -181,28 +184,31 @@ def _selective_scan_fwd_kernel(
     # the steps freed.
     ptrs = (u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, local_ptr)
     rows = (sequence, end, channels, offs_e, mask_e, offs_n, mask_n)
-    flags = (MODE, HAS_D, HAS_Z)
-    epilogue = (GROUP_SIZE, TOKENS)
     step = TOKENS * STAGES
-    x = _load_stage(ptrs, rows, first_chunk * CHUNK, *flags, STATE, TOKENS)
+    # (constexprs are passed one by one: unpacked from a tuple they would no longer be constant)
+    x = _load_stage(ptrs, rows, first_chunk * CHUNK, MODE, HAS_D, HAS_Z, STATE, TOKENS)
     y = x
     if STAGES == 2:
-        y = _load_stage(ptrs, rows, first_chunk * CHUNK + TOKENS, *flags, STATE, TOKENS)
+        y = _load_stage(ptrs, rows, first_chunk * CHUNK + TOKENS, MODE, HAS_D, HAS_Z, STATE, TOKENS)
     for chunk in range(first_chunk, last_chunk):
         for token in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, end), step):
             if STAGES == 1:
-                x_next = _load_stage(ptrs, rows, token + step, *flags, STATE, TOKENS)
-                s, delta_sum = _run_stage(s, A, D, delta_sum, x, target, rows, token, *flags, *epilogue)
+                x_next = _load_stage(ptrs, rows, token + step, MODE, HAS_D, HAS_Z, STATE, TOKENS)
+                s, delta_sum = _run_stage(s, A, D, delta_sum, x, target, rows, token,
+                                          MODE, HAS_D, HAS_Z, GROUP_SIZE, TOKENS)  # fmt: skip
                 x = x_next
             else:
-                s, delta_sum = _run_stage(s, A, D, delta_sum, x, target, rows, token, *flags, *epilogue)
-                x = _load_stage(ptrs, rows, token + step, *flags, STATE, TOKENS)
-                second = token + TOKENS
-                s, delta_sum = _run_stage(s, A, D, delta_sum, y, target, rows, second, *flags, *epilogue)
-                y = _load_stage(ptrs, rows, token + step + TOKENS, *flags, STATE, TOKENS)
+                s, delta_sum = _run_stage(s, A, D, delta_sum, x, target, rows, token,
+                                          MODE, HAS_D, HAS_Z, GROUP_SIZE, TOKENS)  # fmt: skip
+                x = _load_stage(ptrs, rows, token + step, MODE, HAS_D, HAS_Z, STATE, TOKENS)
+                s, delta_sum = _run_stage(s, A, D, delta_sum, y, target, rows, token + TOKENS,
+                                          MODE, HAS_D, HAS_Z, GROUP_SIZE, TOKENS)  # fmt: skip
+                y = _load_stage(ptrs, rows, token + step + TOKENS, MODE, HAS_D, HAS_Z, STATE, TOKENS)
         # the state at the end of the chunk; the sequence's last one is never read back
         if STORE_BOUNDARY:
-            at = boundary + chunk * STATE * channels + state_offsets
+            # offsets from the chunk on (not the loop-invariant ``state_offsets``: 32 registers a thread
+            # held through the token loop)
+            at = boundary + (chunk * STATE + offs_n[:, None]) * channels + offs_e[None, :]
             keep = mask_ne & (chunk < num_chunks - 1)
             if MODE == 2:  # the local state (the first pass's) plus the start state's share
                 tl.store(at, tl.load(at, mask=keep, other=0.0) + s, mask=keep)
