@@ -14,6 +14,7 @@ the very same ones for GPUs this machine does not have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -78,7 +79,8 @@ def _check_shapes(u, delta, A, B, C, freq, D, z, group_size) -> None:
 
 class _Layout:
     """How channels are tiled over programs: one norm group per program when the norm is fused. The
-    forward gives each thread every state of two channels (1024 state entries a warp, see the kernels)."""
+    forward gives each thread every state of two channels (1024 state entries a warp, see the kernels),
+    or of one where ``forward_warps`` doubles the warps."""
 
     def __init__(self, channels: int, state: int, group_size: int, block_channels: int) -> None:
         self.channels_per_program = group_size if group_size else min(block_channels, channels)
@@ -96,6 +98,7 @@ LOG2E = 1.4426950408889634
 FILL_PROGRAMS = 148
 
 
+@functools.cache
 def _fill_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

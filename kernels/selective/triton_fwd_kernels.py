@@ -7,12 +7,15 @@
 Layout: one program owns one batch row and one tile of channels (one group of the group RMS norm when
 it is fused) with all ``state`` dimensions. The state is held as ``(state, channels)`` so that each
 thread keeps every state of its channels in registers: the read-out ``sum_n s C`` is in-thread
-arithmetic and the group norm's sum over channels stays inside the warp (shuffles, no barrier).
+arithmetic. At one warp (two channels a thread) the group norm's sum over channels stays inside the
+warp (shuffles, no barrier); the launcher gives a group two warps (one channel a thread, the norm's sum
+through shared memory) where few programs share an SM, to halve each warp's instructions a token.
 
-Token loop: ``TOKENS`` tokens an iteration, and the loads of the next iteration's tokens are issued
-before this iteration's steps. With few resident warps (577 tokens x batch 32: about three one-warp
-programs an SM) an iteration cannot be shorter than one memory latency; two tokens an iteration halve
-the number of latencies paid per token.
+Token loop: ``STAGES`` stages of ``TOKENS`` tokens an iteration (by default one stage of two), and the
+loads of a stage are issued a stage ahead of its steps. With few resident warps (577 tokens x batch 32:
+about three programs an SM) an iteration cannot be shorter than one memory latency; two tokens an
+iteration halve the latencies paid per token. (Two stages reload each stage right after its steps,
+into the registers they freed; more registers, a tuning option.)
 
 Sequence split (``MODE``), for grids smaller than the GPU (batch 2): the recurrence is linear, so the
 state at token ``t`` of a segment is its local state (scanned from zero inside the segment) plus the
