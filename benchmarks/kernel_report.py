@@ -9,7 +9,9 @@ targets it. The launches come from the launchers' own ``forward_launch`` / ``bac
 tensors, so the report compiles exactly what would run. Per binary: registers, spills, shared and local
 memory, CTAs per SM and what limits them, SASS instructions per token of the token loops, bytes moved,
 and the estimate of ``defocus_scale.kernels.aot.estimate`` (its docstring states the model) beside the
-SFU and HBM floors. The JSON is a list of records, one per (kernel, direction, arch, configuration).
+SFU and HBM floors. The JSON is a list of records, one per (kernel, direction, arch, configuration), or
+one per pass (``stage`` of ``stages``) where an op runs in several launches (the forward's sequence split
+at small batches; each pass's record carries the op's floors, the op's estimate is their sum).
 
 Targets (the kernels issue): at the training shapes, the estimate within 2x of the floor forward and 3x
 backward (the issue sets them on the H100 model; the report holds every arch to them); at the
@@ -21,6 +23,7 @@ a report). ``--smoke``: one configuration of each kernel (for the test).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -101,9 +104,13 @@ def build_report(archs: list[str], smoke: bool = False) -> list[dict]:
     records = []
     for kernel, config, launches in configurations(smoke):
         for direction, launch in zip(("fwd", "bwd"), launches, strict=True):
-            for arch in archs:
-                record = {"kernel": kernel, "direction": direction, "arch": arch, "config": config}
-                record.update(aot.report_record(launch, arch))
+            # a launch with a prelude (an op in several passes, e.g. the split forward) gives a record
+            # per pass, in order; the op's time is the sum of theirs
+            passes = (*launch.prelude, launch)
+            for arch, (stage, part) in itertools.product(archs, enumerate(passes)):
+                record = {"kernel": kernel, "direction": direction, "arch": arch, "config": config,
+                          "stage": stage, "stages": len(passes)}  # fmt: skip
+                record.update(aot.report_record(part, arch))
                 record["fills_gpu"] = record["programs"] >= aot.ARCHS[arch].sms
                 clean = record["launchable"] and record["loop_local"] == 0 and record["spill_bytes"] == 0
                 if config["batch"] in SMALL_BATCHES:  # the target there: a grid that fills the GPU
@@ -122,8 +129,9 @@ def print_table(records: list[dict]) -> None:
         table.add_column(column, justify="right" if column not in ("kernel", "model", "bound") else "left")
     for r in records:
         c = r["config"]
+        direction = r["direction"] + (f" {r['stage'] + 1}/{r['stages']}" if r["stages"] > 1 else "")
         table.add_row(
-            r["kernel"], r["direction"], r["arch"], c["model"].removeprefix("defocus_"), str(c["length"]),
+            r["kernel"], direction, r["arch"], c["model"].removeprefix("defocus_"), str(c["length"]),
             str(c["batch"]), c["dtype"], str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]),
             f"{r['ctas_per_sm']} ({r['occupancy_limit']})", f"{r['instructions_per_token']:.0f}",
             f"{r['est_ms']:.3f}", f"{r['floor_ms']:.3f}", f"{r['vs_floor']:.2f}", r["bound"],

@@ -42,6 +42,8 @@ class KernelLaunch:
     num_stages: int = 1
     work: LaunchWork | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # launches that must run before this one (an earlier pass of the same op); the report compiles each
+    prelude: tuple[KernelLaunch, ...] = ()
 
     @property
     def programs(self) -> int:
@@ -51,6 +53,8 @@ class KernelLaunch:
         return total
 
     def run(self) -> None:
+        for earlier in self.prelude:
+            earlier.run()
         self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
                                num_stages=self.num_stages)  # fmt: skip
 

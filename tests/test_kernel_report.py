@@ -135,7 +135,8 @@ def test_launch_signature_specialises_as_the_jit_does():
     channels = launch.kernel.arg_names.index("channels")
     assert attrs[(channels,)] == [["tt.divisibility", 16]]  # 128
     assert (launch.kernel.arg_names.index("length"),) not in attrs  # 197
-    assert launch.grid == (2, 2) and launch.num_warps == 1
+    # 4 programs: the sequence is split (7 segments of one chunk, a local pass first), two warps a group
+    assert launch.grid == (2, 2, 7) and launch.num_warps == 2 and len(launch.prelude) == 1
     assert boundary.shape == (2, 7, 16, 128) and out.dtype == torch.bfloat16
 
 

@@ -242,6 +242,77 @@ def test_selective_scan_at_a_real_length():
     )  # fmt: skip
 
 
+# The sequence-split forward (a local pass from zero per segment, then the output pass from the combined
+# start states), forced at toy shapes with ``segments``: chunks of 2, segments of whole chunks, odd tails.
+SPLIT_CASES = [
+    (13, 3, "fused", torch.float32), (5, 3, "scan", torch.float32), (9, 2, "fused", torch.bfloat16)
+]  # fmt: skip
+
+
+@kernels_run_here
+@pytest.mark.parametrize("length,segments,epilogue,dtype", SPLIT_CASES)
+def test_selective_scan_split_forward(length, segments, epilogue, dtype):
+    """Output and every gradient (the backward reads the chunk states the split forward wrote); bf16 in
+    the training configuration; "scan" without any epilogue."""
+    options = dict(EPILOGUES[epilogue])
+    group_size = options.pop("group_size")
+    bf16 = dtype is torch.bfloat16
+    _compare(
+        lambda **t: selective_scan_triton(**t, rope_scale=2.0, group_size=group_size, chunk_size=2,
+                                          block_channels=4, segments=segments),
+        lambda **t: selective_scan_naive(**t, rope_scale=2.0, group_size=group_size),
+        _scan_inputs(2, length, 8, 4, **options), dtype, BF16_TOL["selective"] if bf16 else FP32_TOL,
+        TRAINING_SCALARS["selective"] if bf16 else (),
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_selective_scan_split_forward_at_a_real_length():
+    """197 tokens, 7 chunks of 32 in segments of 3, 3 and 1 chunks (the last one 5 tokens long)."""
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=32, block_channels=4, segments=3),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(1, REAL_LENGTH, 4, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+@pytest.mark.parametrize(
+    "tunables",
+    [dict(tokens_per_stage=1), dict(tokens_per_stage=4), dict(stages=2), dict(tokens_per_stage=1, stages=2),
+     dict(num_warps=2), dict(segments=2, stages=2), dict(segments=4, tokens_per_stage=4)],
+)  # fmt: skip
+def test_selective_scan_forward_tunables_agree(tunables):
+    """Every point of the forward's tuning space writes the default's output and chunk states (the last
+    chunk's is never written)."""
+    t = _scan_inputs(2, 13, 8, 4)
+    args = [t[n] for n in ("u", "delta", "A", "B", "C", "D", "z")]
+    results = []
+    for options in ({}, tunables):
+        launch, out, boundary = selective_triton.forward_launch(*args, 4, 4, 4, False, True, **options)
+        launch.run()
+        results.append((out, boundary[:, :-1]))
+    assert len(launch.prelude) == (1 if tunables.get("segments", 1) > 1 else 0)
+    for (expected, expected_states), (out, states) in zip(results[:1], results[1:]):
+        _assert_close(out, expected, FP32_TOL, "output")
+        _assert_close(states, expected_states, FP32_TOL, "chunk states")
+
+
+@pytest.mark.parametrize("batch,split,warps", [(2, True, 2), (32, False, 1), (128, False, 1)])
+def test_selective_scan_forward_splits_only_grids_smaller_than_the_gpu(batch, split, warps):
+    """Mamba-B widths at 197 tokens on the report's meta tensors: the micro-batch of 2 (48 programs)
+    splits the sequence (4 segments of 2 chunks) until the grid fills the largest GPU targeted; training
+    batches do not. Two warps a group where fewer than 4 programs share an SM."""
+    act = torch.empty(batch, REAL_LENGTH, 1536, device="meta")
+    A, B = torch.empty(1536, 16, device="meta"), torch.empty(batch, REAL_LENGTH, 16, device="meta")
+    launch, _, _ = selective_triton.forward_launch(act, act, A, B, B, None, act, 64, 32, 64, False, True)
+    assert bool(launch.prelude) == split
+    assert launch.programs >= selective_triton.FILL_PROGRAMS
+    for part in (*launch.prelude, launch):
+        assert part.grid == launch.grid and part.work.token_steps == (32 if split else 99)  # 2 tokens a step
+        assert part.num_warps == warps
+
+
 # --- retention scan ------------------------------------------------------------------------------------
 
 # (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks

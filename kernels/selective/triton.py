@@ -14,6 +14,7 @@ the very same ones for GPUs this machine does not have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -21,7 +22,8 @@ import torch
 from ..launch import KernelLaunch, LaunchWork
 from ..rotary import published_rotary
 from .naive import mamba_epilogue
-from .triton_kernels import _selective_scan_bwd_kernel, _selective_scan_fwd_kernel
+from .triton_fwd_kernels import _selective_scan_fwd_kernel
+from .triton_kernels import _selective_scan_bwd_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Groups up to this many channels are normalised inside the kernel (one group per program, its whole
@@ -77,7 +79,8 @@ def _check_shapes(u, delta, A, B, C, freq, D, z, group_size) -> None:
 
 class _Layout:
     """How channels are tiled over programs: one norm group per program when the norm is fused. The
-    forward gives each thread every state of two channels (1024 state entries a warp, see the kernels)."""
+    forward gives each thread every state of two channels (1024 state entries a warp, see the kernels),
+    or of one where ``forward_warps`` doubles the warps."""
 
     def __init__(self, channels: int, state: int, group_size: int, block_channels: int) -> None:
         self.channels_per_program = group_size if group_size else min(block_channels, channels)
@@ -89,6 +92,45 @@ class _Layout:
 
 
 LOG2E = 1.4426950408889634
+# Programs a grid should have at least (one per SM) before the forward splits the sequence, when the
+# device is unknown (the report's meta tensors): the most SMs of the parts the report targets (B200).
+# On CPU (the interpreter) the default is never to split; tests force it with ``segments``.
+FILL_PROGRAMS = 148
+
+
+@functools.cache
+def _fill_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return FILL_PROGRAMS if device.type == "meta" else 1
+
+
+def forward_segments(batch: int, num_tiles: int, num_chunks: int, min_programs: int) -> int:
+    """Segments of the sequence the forward runs in parallel: 1 (the single pass) when ``batch x tiles``
+    programs fill ``min_programs``, else enough whole chunks a segment to fill it (as far as chunks go)."""
+    rows = batch * num_tiles
+    if rows >= min_programs:
+        return 1
+    return min(num_chunks, -(-min_programs // rows))
+
+
+def forward_warps(layout: _Layout, programs: int, fill: int) -> int:
+    """The layout's warps (a thread holds every state of two channels), doubled when fewer than 4
+    programs share an SM (``fill`` of them fill the GPU once): then a thread holds one channel, which
+    halves the instructions between a warp's memory latencies and doubles the warps that hide them."""
+    return min(8, layout.fwd_warps * (2 if programs < 4 * fill else 1))
+
+
+def _token_tiling(chunk_size: int, tokens: int, stages: int) -> tuple[int, int]:
+    """``(tokens a stage, stages an iteration)``: by default two tokens (when they divide the chunk) in
+    one stage. More cost registers: four tokens or two stages spill on sm_80 at one warp a 64 x 16 tile."""
+    if not tokens:
+        tokens = 2 if chunk_size % 2 == 0 else 1
+    stages = stages or 1
+    if tokens not in (1, 2, 4) or stages not in (1, 2) or chunk_size % (tokens * stages):
+        raise ValueError(f"tokens_per_stage={tokens} (1, 2, 4) x stages={stages} (1, 2) must divide "
+                         f"chunk_size={chunk_size}")  # fmt: skip
+    return tokens, stages
 
 
 def forward_launch(
@@ -104,34 +146,81 @@ def forward_launch(
     block_channels: int,
     fp32_out: bool,
     store_boundary: bool,
+    *,
+    segments: int = 0,
+    num_warps: int = 0,
+    tokens_per_stage: int = 0,
+    stages: int = 0,
 ) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
     """The forward kernel's launch for these (contiguous; ``A``, ``B``, ``C``, ``D`` fp32) inputs, and the
-    tensors it writes: ``(launch, out, boundary)``. Also what ``benchmarks/kernel_report.py`` compiles."""
+    tensors it writes: ``(launch, out, boundary)``. Also what ``benchmarks/kernel_report.py`` compiles.
+
+    Tunables (0: chosen from the shapes): ``segments``, the sequence split (more than 1: a local pass,
+    ``launch.prelude``, then the output pass; see ``triton_fwd_kernels``); ``num_warps``
+    (``forward_warps``); ``tokens_per_stage`` (1, 2 or 4) and ``stages`` (1 or 2): a token loop iteration
+    is ``stages`` stages of ``tokens_per_stage`` tokens, which must divide ``chunk_size``.
+    ``block_channels`` and ``chunk_size`` are the op's. On CPU (the interpreter) the defaults are fixed:
+    no split."""
     batch, length, channels = u.shape
     state = A.shape[1]
     layout = _Layout(channels, state, group_size, block_channels)
     num_chunks = -(-length // chunk_size)
+    fill = _fill_programs(u.device)
+    if not segments:
+        segments = forward_segments(batch, layout.num_tiles, num_chunks, fill)
+    chunks_per_segment = -(-num_chunks // max(1, min(segments, num_chunks)))
+    segments = -(-num_chunks // chunks_per_segment)  # none empty
+    if not num_warps:
+        num_warps = forward_warps(layout, batch * layout.num_tiles * segments, fill)
+    tokens, stages = _token_tiling(chunk_size, tokens_per_stage, stages)
     out = torch.empty(u.shape, dtype=torch.float32 if fp32_out else u.dtype, device=u.device)
     boundary_shape = (batch, num_chunks, state, channels) if store_boundary else (0,)
     boundary = torch.empty(boundary_shape, dtype=torch.float32, device=u.device)
     scaled_A = (A * LOG2E).t().contiguous()  # (state, channels): the decay is exp2(delta * A log2 e)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    split = segments > 1  # the local pass's read-outs, end states and delta sums
+    local = torch.empty(u.shape if split else (0,), **f32)
+    carry = torch.empty((batch, segments, state, channels) if split else (0,), **f32)
+    delta_sum = torch.empty((batch, segments, channels) if split else (0,), **f32)
     elements = batch * length * channels
     reads = sum(t.numel() * t.element_size() for t in (u, delta, A, B, C, D, z) if t is not None)
-    bytes_min = reads + out.numel() * out.element_size()
-    launch = KernelLaunch(
-        _selective_scan_fwd_kernel, (batch, layout.num_tiles),
-        dict(u_ptr=u, delta_ptr=delta, A_ptr=scaled_A, B_ptr=B, C_ptr=C,
-             D_ptr=D if D is not None else u, z_ptr=z if z is not None else u, out_ptr=out,
-             boundary_ptr=boundary if store_boundary else out, length=length, channels=channels,
-             num_chunks=num_chunks, channel_stride=1),
-        dict(HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, STORE_BOUNDARY=store_boundary,
-             CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, BLOCK_E=layout.block_e,
-             BLOCK_N=layout.block_n, CHUNK=chunk_size),
-        num_warps=layout.fwd_warps,
-        work=LaunchWork(token_steps=length, exp=elements * state, bytes_min=bytes_min,
-                        bytes_moved=bytes_min + boundary.numel() * 4),
+    bytes_min = reads + out.numel() * out.element_size()  # the op's: each pass's record has the op's floor
+    size = {name: t.numel() * t.element_size() if t is not None else 0 for name, t in
+            dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, local=local, carry=carry, delta_sum=delta_sum,
+                 boundary=boundary).items()}  # fmt: skip
+    # what each pass moves: the local pass reads u, delta, B, C and writes the read-outs, the end states
+    # and (when kept) the local chunk states; the output pass reads those back, and D, z
+    moved = {
+        0: bytes_min + size["boundary"],
+        1: sum(size[k] for k in ("u", "delta", "A", "B", "C", "local", "carry", "delta_sum", "boundary")),
+        2: sum(size[k] for k in ("u", "delta", "A", "C", "D", "z", "local", "carry", "delta_sum"))
+        + out.numel() * out.element_size()
+        + 2 * size["boundary"],
+    }
+    args = dict(
+        u_ptr=u, delta_ptr=delta, A_ptr=scaled_A, B_ptr=B, C_ptr=C, D_ptr=D if D is not None else u,
+        z_ptr=z if z is not None else u, out_ptr=out, boundary_ptr=boundary if store_boundary else out,
+        local_ptr=local if split else out, carry_ptr=carry if split else out,
+        delta_sum_ptr=delta_sum if split else out, length=length, channels=channels, num_chunks=num_chunks,
+        chunks_per_segment=chunks_per_segment, num_segments=segments, channel_stride=1,
     )  # fmt: skip
-    return launch, out, boundary
+    constexprs = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, STORE_BOUNDARY=store_boundary,
+        CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, BLOCK_E=layout.block_e,
+        BLOCK_N=layout.block_n, CHUNK=chunk_size, TOKENS=tokens, STAGES=stages,
+    )  # fmt: skip
+    steps = -(-min(chunks_per_segment * chunk_size, length) // (tokens * stages))  # token loop iterations
+
+    def launch(mode: int, prelude: tuple[KernelLaunch, ...] = ()) -> KernelLaunch:
+        return KernelLaunch(
+            _selective_scan_fwd_kernel, (batch, layout.num_tiles, segments), args,
+            {**constexprs, "MODE": mode}, num_warps=num_warps,
+            work=LaunchWork(token_steps=steps, exp=elements * state, bytes_min=bytes_min,
+                            bytes_moved=moved[mode]),
+            notes={"tokens_per_iteration": tokens * stages}, prelude=prelude,
+        )  # fmt: skip
+
+    return (launch(2, (launch(1),)) if split else launch(0)), out, boundary
 
 
 def backward_launch(dout, u, delta, A, B, C, D, z, boundary, group_size: int, chunk_size: int,
@@ -204,11 +293,13 @@ def selective_scan_triton_fwd(
     block_channels: int,
     fp32_out: bool,
     store_boundary: bool,
+    segments: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, boundary)``: the output in ``u``'s dtype (fp32 if ``fp32_out``) and, when
-    ``store_boundary``, the fp32 state at the end of every chunk (else an empty tensor)."""
+    ``store_boundary``, the fp32 state at the end of every chunk (else an empty tensor). ``segments``:
+    the forward's sequence split (0: from the shapes and the device)."""
     launch, out, boundary = forward_launch(u, delta, A, B, C, D, z, group_size, chunk_size, block_channels,
-                                           fp32_out, store_boundary)  # fmt: skip
+                                           fp32_out, store_boundary, segments=segments)  # fmt: skip
     if store_boundary:  # the kernel skips the last chunk's end state (never read back): define it
         boundary[:, -1].zero_()
     with device_guard(u):
@@ -217,7 +308,7 @@ def selective_scan_triton_fwd(
 
 
 @selective_scan_triton_fwd.register_fake
-def _(u, delta, A, B, C, D, z, group_size, chunk_size, block_channels, fp32_out, store_boundary):
+def _(u, delta, A, B, C, D, z, group_size, chunk_size, block_channels, fp32_out, store_boundary, segments=0):
     batch, length, channels = u.shape
     num_chunks = -(-length // chunk_size)
     out = u.new_empty(u.shape, dtype=torch.float32 if fp32_out else u.dtype)
@@ -270,7 +361,7 @@ def _(dout, u, delta, A, B, C, D, z, boundary, group_size, chunk_size, block_cha
 
 
 def _triton_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, group_size, chunk_size, block_channels, _, _ = inputs
+    u, delta, A, B, C, D, z, group_size, chunk_size, block_channels, *_ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(u, delta, A, B, C, D, z, output[1])
     ctx.config = (group_size, chunk_size, block_channels)
@@ -281,7 +372,7 @@ def _triton_backward(ctx, dout, _dboundary):
     u, delta, A, B, C, D, z, boundary = ctx.saved_tensors
     grads = selective_scan_triton_bwd(dout, u, delta, A, B, C, D, z, boundary, *ctx.config)
     optional = [g if present else None for g, present in zip(grads[5:], ctx.present, strict=True)]
-    return (*grads[:5], *optional, None, None, None, None, None)
+    return (*grads[:5], *optional, None, None, None, None, None, None)
 
 
 selective_scan_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
@@ -301,11 +392,13 @@ def selective_scan_triton(
     *,
     chunk_size: int = 32,
     block_channels: int = 64,
+    segments: int = 0,
 ) -> torch.Tensor:
     """Same contract as ``selective_scan_naive``, on Triton; differentiable in every tensor argument.
 
     ``chunk_size``: tokens between the states the forward keeps for the backward (the backward
     recomputes the rest). ``block_channels``: channels per program when no group norm is fused.
+    ``segments``: the forward's sequence split (0: split only when the grid is smaller than the GPU).
     The output has ``u``'s dtype; the state and the epilogue are computed in fp32.
     """
     tensors = dict(u=u, delta=delta, A=A, B=B, C=C, freq=freq, D=D, z=z)
@@ -327,9 +420,9 @@ def selective_scan_triton(
     )
     if group_size <= MAX_FUSED_GROUP:
         config = (group_size, chunk_size, block_channels)
-        return selective_scan_triton_fwd(u, delta, A, B, C, D, z, *config, False, store_boundary)[0]
+        return selective_scan_triton_fwd(u, delta, A, B, C, D, z, *config, False, store_boundary, segments)[0]
     # wide groups: the kernel's raw scan in fp32, then the epilogue in PyTorch (fp32, autograd)
     config = (0, chunk_size, block_channels)
-    y = selective_scan_triton_fwd(u, delta, A, B, C, None, None, *config, True, store_boundary)[0]
+    y = selective_scan_triton_fwd(u, delta, A, B, C, None, None, *config, True, store_boundary, segments)[0]
     as_f32 = [t.float() if t is not None else None for t in (u, D, z)]
     return mamba_epilogue(y, as_f32[0], as_f32[1], as_f32[2], group_size).to(u.dtype)
