@@ -313,6 +313,34 @@ def test_selective_scan_forward_splits_only_grids_smaller_than_the_gpu(batch, sp
         assert part.num_warps == warps
 
 
+def test_selective_scan_forward_autotune_space():
+    """The default first; the split's alternatives only where the default splits; no duplicate."""
+    for batch, split in ((2, True), (128, False)):
+        act = torch.empty(batch, REAL_LENGTH, 1536, device="meta")
+        candidates = selective_triton.forward_candidates(act, 16, 64, 32, 64)
+        assert candidates[0] == {} and len(candidates) == len({repr(c) for c in candidates})
+        assert any("num_warps" in c for c in candidates) and {"tokens_per_stage": 1} in candidates
+        assert ({"segments": 1} in candidates) == split
+
+
+@kernels_run_here
+def test_selective_scan_forward_autotune_candidates_agree():
+    """Every candidate the autotuner may pick (here, on CPU: the other warp count, one token a stage)
+    writes the default's output and chunk states."""
+    t = _scan_inputs(2, 13, 8, 4)
+    args = [t[n] for n in ("u", "delta", "A", "B", "C", "D", "z")]
+    candidates = selective_triton.forward_candidates(t["u"], 4, 4, 4, 4)
+    assert len(candidates) >= 3
+    results = []
+    for options in candidates:
+        launch, out, boundary = selective_triton.forward_launch(*args, 4, 4, 4, False, True, **options)
+        launch.run()
+        results.append((out, boundary[:, :-1]))
+    for out, states in results[1:]:
+        _assert_close(out, results[0][0], FP32_TOL, "output")
+        _assert_close(states, results[0][1], FP32_TOL, "chunk states")
+
+
 # --- retention scan ------------------------------------------------------------------------------------
 
 # (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks

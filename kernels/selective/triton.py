@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .. import autotune
 from ..launch import KernelLaunch, LaunchWork
 from ..rotary import published_rotary
 from .naive import mamba_epilogue
@@ -119,6 +120,30 @@ def forward_warps(layout: _Layout, programs: int, fill: int) -> int:
     programs share an SM (``fill`` of them fill the GPU once): then a thread holds one channel, which
     halves the instructions between a warp's memory latencies and doubles the warps that hide them."""
     return min(8, layout.fwd_warps * (2 if programs < 4 * fill else 1))
+
+
+def forward_candidates(u: torch.Tensor, state: int, group_size: int, chunk_size: int,
+                       block_channels: int) -> list[dict[str, int]]:  # fmt: skip
+    """The forward's autotune space at ``u``'s shape and device: the shape-chosen default first, then one
+    tunable changed at a time (the other warp count, one token a stage, and for a split sequence no split
+    or twice the segments). Each computes the same function (tested); ``autotune`` times them on CUDA."""
+    batch, length, channels = u.shape
+    layout = _Layout(channels, state, group_size, block_channels)
+    num_chunks = -(-length // chunk_size)
+    fill = _fill_programs(u.device)
+    segments = forward_segments(batch, layout.num_tiles, num_chunks, fill)
+    warps = forward_warps(layout, batch * layout.num_tiles * segments, fill)
+    other_warps = layout.fwd_warps if warps != layout.fwd_warps else min(8, 2 * layout.fwd_warps)
+    candidates: list[dict[str, int]] = [{}, {"num_warps": other_warps}]
+    if chunk_size % 2 == 0:  # the default is two tokens a stage
+        candidates.append({"tokens_per_stage": 1})
+    if segments > 1:
+        candidates += [{"segments": 1}, {"segments": min(num_chunks, 2 * segments)}]
+    unique: list[dict[str, int]] = []
+    for candidate in candidates:
+        if candidate not in unique and candidate.get("num_warps") != warps:
+            unique.append(candidate)
+    return unique
 
 
 def _token_tiling(chunk_size: int, tokens: int, stages: int) -> tuple[int, int]:
@@ -298,11 +323,20 @@ def selective_scan_triton_fwd(
     """``(out, boundary)``: the output in ``u``'s dtype (fp32 if ``fp32_out``) and, when
     ``store_boundary``, the fp32 state at the end of every chunk (else an empty tensor). ``segments``:
     the forward's sequence split (0: from the shapes and the device)."""
-    launch, out, boundary = forward_launch(u, delta, A, B, C, D, z, group_size, chunk_size, block_channels,
-                                           fp32_out, store_boundary, segments=segments)  # fmt: skip
-    if store_boundary:  # the kernel skips the last chunk's end state (never read back): define it
-        boundary[:, -1].zero_()
+    config = (group_size, chunk_size, block_channels, fp32_out, store_boundary)
     with device_guard(u):
+        if segments:  # the caller's split: not tuned
+            tunables = {"segments": segments}
+        else:
+            key = (tuple(u.shape), A.shape[1], u.dtype, D is not None, z is not None, *config)
+            candidates = forward_candidates(u, A.shape[1], group_size, chunk_size, block_channels)
+            tunables = autotune.choose(
+                "selective_scan_fwd", key, candidates,
+                lambda params: forward_launch(u, delta, A, B, C, D, z, *config, **params)[0].run, u.device,
+            )  # fmt: skip
+        launch, out, boundary = forward_launch(u, delta, A, B, C, D, z, *config, **tunables)
+        if store_boundary:  # the kernel skips the last chunk's end state (never read back): define it
+            boundary[:, -1].zero_()
         launch.run()
     return out, boundary
 
