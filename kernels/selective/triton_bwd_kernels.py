@@ -39,6 +39,15 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _per_thread(base, thread_part, register_part):
+    """``base + thread_part + register_part``, where ``thread_part`` is one value per thread and
+    ``register_part`` a compile-time constant per register: one address register per thread and
+    immediates. Marked not contiguous: vectorised, the access would come in a layout of its own,
+    converted through shared memory at every use."""
+    return tl.max_contiguous((base + thread_part) + register_part, [1, 1, 1])
+
+
+@triton.jit
 def _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live, channels,
                   STATE: tl.constexpr):  # fmt: skip
     """A token's ``delta u`` and ``delta`` (per channel, fp32) and ``B`` (per state); zeros past the end."""
@@ -63,6 +72,9 @@ def _adjoint_step(
 ):  # fmt: skip
     """One token of the adjoint, given its state ``s_t`` and the carry ``exp(delta_{t+1} A) g_{t+1}``:
     stores the token's gradients, returns the carry for the token before and the running ``dA``, ``dD``."""
+    # A barrier per token keeps the compiler from holding a group's later tokens' loads (or the
+    # recomputation's, reused) in registers across the group: without it sm_80 spills.
+    tl.debug_barrier()
     mask_te = mask_e & live
     offsets = row * channels + offs_e
     delta_u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live,
@@ -80,7 +92,9 @@ def _adjoint_step(
     grad_pre_gate = dout
     if HAS_Z:
         z = tl.load(z_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
-        gate = tl.sigmoid(z)
+        # sigmoid with the approximate division (2 ulp): the IEEE one calls a slow-path subroutine, and
+        # the call spills the registers live across it
+        gate = tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * z))
         if not CARRY_PASS:
             pre_gate = y_normed
             if HAS_D:
@@ -142,10 +156,16 @@ def _selective_scan_bwd_kernel(
     local_e = tl.arange(0, E_HI)[:, None] * E_LO + tl.arange(0, E_LO)[None, :]  # (E_HI, E_LO)
     offs_n = tl.arange(0, BLOCK_N)
     channel = tile * CHANNELS_PER_PROGRAM + local_e
+    # tiles that fill their blocks (the production shapes) need no masks: fewer registers held
+    EVEN: tl.constexpr = (CHANNELS_PER_PROGRAM == E_HI * E_LO) & (channels % CHANNELS_PER_PROGRAM == 0)
     mask_e = (local_e < CHANNELS_PER_PROGRAM) & (channel < channels)
+    if EVEN:
+        mask_e = local_e >= 0
     offs_e = channel * channel_stride
     mask_n = offs_n < STATE
     mask_s = ((e3 < CHANNELS_PER_PROGRAM) & (tile * CHANNELS_PER_PROGRAM + e3 < channels)) & (n3 < STATE)
+    if EVEN & (STATE == BLOCK_N):
+        mask_s = (e3 + n3) >= 0
     state_offsets = n3 * channels + (tile * CHANNELS_PER_PROGRAM + e3) * channel_stride  # as in memory
     A = tl.load(A_ptr + state_offsets, mask=mask_s, other=0.0)  # A log2(e)
     D = tl.zeros((E_HI, E_LO), tl.float32)
@@ -157,25 +177,24 @@ def _selective_scan_bwd_kernel(
     # Private to the program, and laid out so that a thread's entries are contiguous: its addresses are
     # one register and immediates (a layout coalesced across lanes costs a 64-bit address register pair
     # per entry, and the loop-invariant ones spill).
-    STATES_PER_WARP: tl.constexpr = BLOCK_N // WARPS
-    lane = e3 % E_LO + 0 * n3
-    local_offsets = (
-        ((n3 // STATES_PER_WARP) * E_LO + lane) * (E_HI * STATES_PER_WARP)
-        + (e3 // E_LO) * STATES_PER_WARP
-        + n3 % STATES_PER_WARP
+    SPW: tl.constexpr = BLOCK_N // WARPS  # states per warp
+    local_thread = ((n3 // SPW) * E_LO + e3 % E_LO) * (E_HI * SPW)  # the same for all of a thread's entries
+    local_reg = (e3 // E_LO) * SPW + n3 % SPW  # a compile-time constant per register
+    scratch = _per_thread(
+        scratch_ptr + program.to(tl.int64) * ((CHUNK // GROUP) * TILE), local_thread, local_reg
     )
-    scratch = scratch_ptr + program.to(tl.int64) * ((CHUNK // GROUP) * TILE)
     first_chunk = split * chunks_per_split
     last_chunk = tl.minimum(first_chunk + chunks_per_split, num_chunks) - 1
     # the segments' carries, (batch, tiles, splits, 2, state, channels): L then P
     carries = carry_ptr + (batch_index * num_tiles + tile).to(tl.int64) * (SPLITS * 2 * TILE)
+    carries = _per_thread(carries, local_thread, local_reg)
 
     # exp(delta_{t+1} A) g_{t+1}: zero past the end, else what the segments to the right send
     grad_carry = tl.zeros((E_HI, BLOCK_N, E_LO), tl.float32)
     if not CARRY_PASS:
         for index in range(SPLITS - 1 - split):  # the segments to the right, last to first
             later = carries + (SPLITS - 1 - index) * (2 * TILE)
-            grad_carry = tl.load(later + local_offsets) + tl.load(later + TILE + local_offsets) * grad_carry
+            grad_carry = tl.load(later) + tl.load(later + TILE) * grad_carry
     dA = tl.zeros((E_HI, BLOCK_N, E_LO), tl.float32)
     dD = tl.zeros((E_HI, E_LO), tl.float32)
     delta_sum = tl.zeros((E_HI, E_LO), tl.float32)
@@ -186,9 +205,10 @@ def _selective_scan_bwd_kernel(
         boundary = boundary_ptr + (batch_index * num_chunks + tl.maximum(chunk - 1, 0)).to(tl.int64) * (
             STATE * channels
         )
-        s = tl.load(boundary + state_offsets, mask=mask_s & (chunk > 0), other=0.0)
+        # (offsets that depend on the chunk: hoisted out of the loop, they would be held, and spill)
+        s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
         for group in range(CHUNK // GROUP):
-            tl.store(scratch + group * TILE + local_offsets, s)
+            tl.store(scratch + group * TILE, s)
             for step in tl.static_range(GROUP):
                 t = start + group * GROUP + step
                 delta_u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t, offs_e, mask_e,
@@ -200,7 +220,7 @@ def _selective_scan_bwd_kernel(
         for reverse_group in range(CHUNK // GROUP):
             group = CHUNK // GROUP - 1 - reverse_group
             t0 = start + group * GROUP
-            s0 = tl.load(scratch + group * TILE + local_offsets)
+            s0 = tl.load(scratch + group * TILE)
             s1 = _state_step(s0, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0, offs_e, mask_e,
                                                    offs_n, mask_n, t0 < length, channels, STATE))  # fmt: skip
             s2 = s1
@@ -228,10 +248,14 @@ def _selective_scan_bwd_kernel(
 
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
         segment = carries + split * (2 * TILE)
-        tl.store(segment + local_offsets, grad_carry)
-        tl.store(segment + TILE + local_offsets, tl.exp2(delta_sum[:, None, :] * A))
+        tl.store(segment, grad_carry)
+        tl.store(segment + TILE, tl.exp2(delta_sum[:, None, :] * A))
     else:  # partial sums over this segment's tokens: (batch, splits, state, channels) and (.., channels)
         partial = (batch_index * SPLITS + split).to(tl.int64) * channels
-        tl.store(dA_ptr + partial * STATE + state_offsets, dA, mask=mask_s)
+        # (offsets formed anew, ``channel_stride - 1`` is 0: shared with the start's, they were held)
+        dA_ptr += partial * STATE + (channel_stride - 1)
+        tl.store(
+            dA_ptr + n3 * channels + (tile * CHANNELS_PER_PROGRAM + e3) * channel_stride, dA, mask=mask_s
+        )
         if HAS_D:
             tl.store(dD_ptr + partial + offs_e, dD, mask=mask_e)
