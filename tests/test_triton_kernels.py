@@ -242,6 +242,59 @@ def test_selective_scan_at_a_real_length():
     )  # fmt: skip
 
 
+@kernels_run_here
+@pytest.mark.parametrize("min_programs,chunk", [(1, 4), (1, 3), (8, 3), (148, 2), (148, 4)])
+def test_selective_scan_backward_segments_and_groups(monkeypatch, min_programs, chunk):
+    """The backward's two paths: each sequence whole (``MIN_PROGRAMS`` 1) or split into segments (the
+    grid of 2 x 2 programs is below ``MIN_PROGRAMS``: 8 gives two segments of 3 and 2 chunks, 148 one
+    chunk each) with the carry pass; and its groups of 4, 2 and 1 tokens (chunks of 4, 2, 3)."""
+    monkeypatch.setattr(selective_triton, "MIN_PROGRAMS", min_programs)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=chunk, block_channels=4),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(2, 13, 8, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_selective_scan_at_a_real_length_unsplit(monkeypatch):
+    """197 tokens with the backward unsplit (``test_selective_scan_at_a_real_length`` splits it into its
+    7 chunks: one program per sequence is below ``MIN_PROGRAMS``)."""
+    monkeypatch.setattr(selective_triton, "MIN_PROGRAMS", 1)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=32, block_channels=4),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(1, REAL_LENGTH, 4, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("channels", [768, 1536, 2048])
+def test_selective_backward_grid_fills_the_gpu(channels):
+    """The production backward launches (meta tensors, nothing runs): at the micro-batch of 2 the
+    sequence is split until the grid has ``MIN_PROGRAMS`` programs (a carry pass first); at batch 128 it
+    is not. The tunables are honoured."""
+
+    def launch(batch, **tunables):
+        act = torch.empty(batch, REAL_LENGTH, channels, dtype=torch.bfloat16, device="meta")
+        delta = torch.empty(batch, REAL_LENGTH, channels, device="meta")
+        A, D = torch.empty(channels, 16, device="meta"), torch.empty(channels, device="meta")
+        B = torch.empty(batch, REAL_LENGTH, 16, device="meta")
+        config = (64, 32, 64)  # group_size, chunk_size, block_channels
+        _, out, boundary = selective_triton.forward_launch(act, delta, A, B, B, D, act, *config, False, True)
+        return selective_triton.backward_launch(
+            out, act, delta, A, B, B, D, act, boundary, *config, **tunables
+        )[0]
+
+    small, large = launch(2), launch(128)
+    assert small.programs >= selective_triton.MIN_PROGRAMS and "carry_pass" in small.notes
+    assert small.notes["carry_pass"].grid == small.grid and small.notes["carry_pass"].constexprs["CARRY_PASS"]
+    assert large.grid[2] == 1 and "carry_pass" not in large.notes
+    tuned = launch(2, splits=2, group=2, num_warps=4)
+    assert tuned.grid[2] == 2 and tuned.constexprs["GROUP"] == 2 and tuned.num_warps == 4
+    with pytest.raises(ValueError, match="group"):
+        launch(2, group=3)
+
+
 # --- retention scan ------------------------------------------------------------------------------------
 
 # (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks

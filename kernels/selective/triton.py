@@ -307,7 +307,7 @@ def selective_scan_triton_bwd(
     return (
         grads["du"],
         grads["ddelta"],
-        grads["dA"].sum((0, 1)).t().to(A.dtype),
+        grads["dA"].sum((0, 1)).t().to(A.dtype).contiguous(),  # kept (state, channels), coalesced
         grads["dB"].sum(2).to(B.dtype),
         grads["dC"].sum(2).to(C.dtype),
         grads["dD"].sum((0, 1)).to(D.dtype) if D is not None else none.clone(),
