@@ -10,8 +10,7 @@ gradients of ``u`` and ``delta``) cross warps (one shared-memory exchange each).
 States in reverse order without storing them all: the forward keeps the state at the end of every
 ``CHUNK`` tokens. The backward walks its segment's chunks last to first. For a chunk it (1) recomputes
 the states token by token and writes the one that enters each group of ``GROUP`` tokens to a small
-per-program scratch (only the writing thread reads it back: program order is all the synchronisation
-needed), then (2) walks the groups last to first: recomputes the group's ``GROUP`` states into
+per-program scratch, then (2) walks the groups last to first: recomputes the group's ``GROUP`` states into
 registers (unrolled), then runs the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
 back through them, with the epilogue's backward (group RMS norm, ``D u``, ``silu(z)``) fused. The
 scratch traffic is one state per group, not one per token.
@@ -185,7 +184,7 @@ def _selective_scan_bwd_kernel(
     )
     first_chunk = split * chunks_per_split
     last_chunk = tl.minimum(first_chunk + chunks_per_split, num_chunks) - 1
-    # the segments' carries, (batch, tiles, splits, 2, state, channels): L then P
+    # the segments' carries, (batch, tiles, splits, 2, tile), each tile in the scratch's order: L then P
     carries = carry_ptr + (batch_index * num_tiles + tile).to(tl.int64) * (SPLITS * 2 * TILE)
     carries = _per_thread(carries, local_thread, local_reg)
 
@@ -207,6 +206,7 @@ def _selective_scan_bwd_kernel(
         )
         # (offsets that depend on the chunk: hoisted out of the loop, they would be held, and spill)
         s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
+        tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
         for group in range(CHUNK // GROUP):
             tl.store(scratch + group * TILE, s)
             for step in tl.static_range(GROUP):
@@ -216,7 +216,10 @@ def _selective_scan_bwd_kernel(
                 s = _state_step(s, A, delta_u, delta, b)
                 if CARRY_PASS:
                     delta_sum += delta
-        # 2. the groups last to first: their states into registers, then the adjoint through them
+        # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
+        # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
+        # one layout, which it does; the two barriers a chunk make that an optimisation, not a premise.)
+        tl.debug_barrier()
         for reverse_group in range(CHUNK // GROUP):
             group = CHUNK // GROUP - 1 - reverse_group
             t0 = start + group * GROUP
