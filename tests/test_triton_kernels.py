@@ -341,6 +341,92 @@ def test_selective_scan_forward_autotune_candidates_agree():
         _assert_close(states, results[0][1], FP32_TOL, "chunk states")
 
 
+@kernels_run_here
+@pytest.mark.parametrize("min_programs,chunk", [(1, 4), (1, 3), (8, 3), (148, 2), (148, 4)])
+def test_selective_scan_backward_segments_and_groups(monkeypatch, min_programs, chunk):
+    """The backward's two paths: each sequence whole (``MIN_PROGRAMS`` 1) or split into segments (the
+    grid of 2 x 2 programs is below ``MIN_PROGRAMS``: 8 gives two segments of 3 and 2 chunks, 148 one
+    chunk each) with the carry pass; and its groups of 4, 2 and 1 tokens (chunks of 4, 2, 3)."""
+    monkeypatch.setattr(selective_triton, "MIN_PROGRAMS", min_programs)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=chunk, block_channels=4),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(2, 13, 8, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_selective_scan_at_a_real_length_unsplit(monkeypatch):
+    """197 tokens with the backward unsplit (``test_selective_scan_at_a_real_length`` splits it into its
+    7 chunks: one program per sequence is below ``MIN_PROGRAMS``)."""
+    monkeypatch.setattr(selective_triton, "MIN_PROGRAMS", 1)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=32, block_channels=4),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(1, REAL_LENGTH, 4, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("channels", [768, 1536, 2048])
+def test_selective_backward_grid_fills_the_gpu(channels):
+    """The production backward launches (meta tensors, nothing runs): at the micro-batch of 2 the
+    sequence is split until the grid has ``MIN_PROGRAMS`` programs (a carry pass first); at batch 128 it
+    is not. The tunables are honoured."""
+
+    def launch(batch, **tunables):
+        act = torch.empty(batch, REAL_LENGTH, channels, dtype=torch.bfloat16, device="meta")
+        delta = torch.empty(batch, REAL_LENGTH, channels, device="meta")
+        A, D = torch.empty(channels, 16, device="meta"), torch.empty(channels, device="meta")
+        B = torch.empty(batch, REAL_LENGTH, 16, device="meta")
+        config = (64, 32, 64)  # group_size, chunk_size, block_channels
+        _, out, boundary = selective_triton.forward_launch(act, delta, A, B, B, D, act, *config, False, True)
+        return selective_triton.backward_launch(
+            out, act, delta, A, B, B, D, act, boundary, *config, **tunables
+        )[0]
+
+    small, large = launch(2), launch(128)
+    assert small.programs >= selective_triton.MIN_PROGRAMS and len(small.prelude) == 1
+    assert small.prelude[0].grid == small.grid and small.prelude[0].constexprs["CARRY_PASS"]
+    assert large.grid[2] == 1 and not large.prelude
+    tuned = launch(2, splits=2, group=2, num_warps=4)
+    assert tuned.grid[2] == 2 and tuned.constexprs["GROUP"] == 2 and tuned.num_warps == 4
+    with pytest.raises(ValueError, match="group"):
+        launch(2, group=3)
+
+
+def test_selective_scan_backward_autotune_space():
+    """The default first; the split's alternatives only where the default splits; no duplicate."""
+    for batch, split in ((2, True), (128, False)):
+        act = torch.empty(batch, REAL_LENGTH, 1536, device="meta")
+        candidates = selective_triton.backward_candidates(act, 16, 64, 32, 64)
+        assert candidates[0] == {} and len(candidates) == len({repr(c) for c in candidates})
+        assert {"group": 2} in candidates and any("num_warps" in c for c in candidates)
+        assert ({"splits": 1} in candidates) == split
+
+
+@kernels_run_here
+def test_selective_scan_backward_autotune_candidates_agree():
+    """Every candidate the autotuner may pick writes the default's gradients (a split sequence here:
+    one program a sequence is below ``MIN_PROGRAMS``, so the no-split and double-split points run too)."""
+    t = _scan_inputs(2, 13, 8, 4)
+    args = [t[n] for n in ("u", "delta", "A", "B", "C", "D", "z")]
+    launch, out, boundary = selective_triton.forward_launch(*args, 4, 4, 4, False, True)
+    launch.run()
+    dout = torch.randn_like(out)
+    candidates = selective_triton.backward_candidates(t["u"], 4, 4, 4, 4)
+    assert {"splits": 1} in candidates
+    results = []
+    for options in candidates:
+        launch, grads = selective_triton.backward_launch(dout, *args, boundary, 4, 4, 4, **options)
+        launch.run()
+        # the partials summed as the op sums them: dA, dD over (batch, segment), dB, dC over tiles
+        results.append({name: g.sum((0, 1)) if name in ("dA", "dD") else g.sum(2) if name in ("dB", "dC")
+                        else g for name, g in grads.items() if g is not None})  # fmt: skip
+    for result in results[1:]:
+        for name, expected in results[0].items():
+            _assert_close(result[name], expected, FP32_TOL, name)
+
+
 # --- retention scan ------------------------------------------------------------------------------------
 
 # (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks

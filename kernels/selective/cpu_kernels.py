@@ -100,7 +100,6 @@ def _exp_impl(x):
     return None
 
 
-
 MAX_TILE = 256  # channels per task at most (see the module docstring)
 LANES = 16  # tiles are whole multiples of this many channels (one AVX-512 or two AVX2 fp32 vectors)
 MIN_TASKS = 8  # narrower tiles until a call has this many tasks (for the cores), shapes permitting
@@ -341,4 +340,3 @@ def scan_bwd(dy, u, delta, AT, B, C, bounds, du, ddelta, dAT_part, dB_part, dC_p
             for n in range(n_state):
                 for i in range(width):
                     dAT_part[b, n, e0 + i] = grad_a[n, i]
-

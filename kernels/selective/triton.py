@@ -1,7 +1,7 @@
 """The selective bandpass scan on Triton: ``torch.library`` custom ops
-(``defocus::selective_scan_triton_fwd`` and ``_bwd``) around the kernels of ``triton_kernels.py``, with
-the released mixer's epilogue (group RMS norm, ``+ D u``, ``* silu(z)``) fused into the same pass so the
-mixer reads its inputs once and writes one output.
+(``defocus::selective_scan_triton_fwd`` and ``_bwd``) around the kernels of ``triton_fwd_kernels.py``
+and ``triton_bwd_kernels.py``, with the released mixer's epilogue (group RMS norm, ``+ D u``,
+``* silu(z)``) fused into the same pass so the mixer reads its inputs once and writes one output.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the Triton interpreter; slow, for tests). Memory kept for backward: the inputs and one
@@ -23,8 +23,8 @@ from .. import autotune
 from ..launch import KernelLaunch, LaunchWork
 from ..rotary import published_rotary
 from .naive import mamba_epilogue
+from .triton_bwd_kernels import _selective_scan_bwd_kernel
 from .triton_fwd_kernels import _selective_scan_fwd_kernel
-from .triton_kernels import _selective_scan_bwd_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Groups up to this many channels are normalised inside the kernel (one group per program, its whole
@@ -89,7 +89,6 @@ class _Layout:
         self.block_n = _next_power_of_2(state)
         self.num_tiles = -(-channels // self.channels_per_program)
         self.fwd_warps = max(1, min(8, self.block_e * self.block_n // 1024))
-        self.bwd_warps = 4 if self.block_e * self.block_n <= 2048 else 8
 
 
 LOG2E = 1.4426950408889634
@@ -248,44 +247,112 @@ def forward_launch(
     return (launch(2, (launch(1),)) if split else launch(0)), out, boundary
 
 
-def backward_launch(dout, u, delta, A, B, C, D, z, boundary, group_size: int, chunk_size: int,
-                    block_channels: int) -> tuple[KernelLaunch, dict[str, torch.Tensor | None]]:  # fmt: skip
-    """The backward kernel's launch and the tensors it writes (gradients and per-program partials)."""
+# The backward splits the sequence of small batches until its grid has this many programs: the most SMs
+# of the GPUs the kernels target (B200: 148), so that one choice fills each of them.
+MIN_PROGRAMS = 148
+
+
+def backward_splits(batch: int, num_tiles: int, num_chunks: int) -> int:
+    """Default segments per sequence for the backward: 1 when batch x tiles fills the GPU, else enough
+    (of whole chunks) to reach ``MIN_PROGRAMS`` programs, at most one per chunk."""
+    programs = batch * num_tiles
+    return 1 if programs >= MIN_PROGRAMS else min(num_chunks, -(-MIN_PROGRAMS // programs))
+
+
+def backward_launch(
+    dout, u, delta, A, B, C, D, z, boundary, group_size: int, chunk_size: int, block_channels: int,
+    splits: int | None = None, group: int | None = None, num_warps: int | None = None,
+) -> tuple[KernelLaunch, dict[str, torch.Tensor | None]]:  # fmt: skip
+    """The backward kernel's launch and the tensors it writes (gradients and per-program partials).
+
+    Tunables: ``splits`` (segments each sequence is cut into; default :func:`backward_splits`),
+    ``group`` (tokens whose states are recomputed into registers at once: 1, 2 or 4 dividing
+    ``chunk_size``; default the largest) and ``num_warps`` (they split the state; default one per 512
+    state entries of a tile). With ``splits > 1`` the launch's ``prelude`` is the carry pass, a launch of
+    the same kernel that ``launch.run()`` runs first (it writes every segment's carry, see
+    ``triton_bwd_kernels.py``)."""
     batch, length, channels = u.shape
     state = A.shape[1]
     layout = _Layout(channels, state, group_size, block_channels)
     num_chunks = -(-length // chunk_size)
+    splits = backward_splits(batch, layout.num_tiles, num_chunks) if splits is None else splits
+    chunks_per_split = -(-num_chunks // max(1, min(splits, num_chunks)))
+    splits = -(-num_chunks // chunks_per_split)  # no empty segment
+    group = max(g for g in (1, 2, 4) if chunk_size % g == 0) if group is None else group
+    if group not in (1, 2, 4) or chunk_size % group:
+        raise ValueError(f"group={group} must be 1, 2 or 4 and divide chunk_size={chunk_size}")
+    tile_states = layout.block_n * layout.block_e
+    num_warps = max(1, min(layout.block_n, tile_states // 512)) if num_warps is None else num_warps
+    e_lo = min(layout.block_e, 32)
     f32 = dict(dtype=torch.float32, device=u.device)
     grads = dict(
         du=torch.empty(u.shape, dtype=u.dtype, device=u.device), ddelta=torch.empty_like(delta),
         dz=torch.empty_like(z) if z is not None else None,
-        dA=torch.empty(batch, channels, state, **f32),
-        dD=torch.empty(batch, channels, **f32) if D is not None else None,
+        dA=torch.empty(batch, splits, state, channels, **f32),
+        dD=torch.empty(batch, splits, channels, **f32) if D is not None else None,
         dB=torch.empty(batch, length, layout.num_tiles, state, **f32),
         dC=torch.empty(batch, length, layout.num_tiles, state, **f32),
     )  # fmt: skip
-    scratch = torch.empty(batch * layout.num_tiles * chunk_size * layout.block_e * layout.block_n, **f32)
+    programs = batch * layout.num_tiles * splits
+    scratch = torch.empty(programs * (chunk_size // group) * tile_states, **f32)
+    carries = torch.empty(programs * 2 * tile_states if splits > 1 else 1, **f32)
+    scaled_A = (A * LOG2E).t().contiguous()  # (state, channels), as the forward's
     reads = sum(t.numel() * t.element_size() for t in (dout, u, delta, A, B, C, D, z) if t is not None)
     writes = sum(t.numel() * t.element_size() for t in grads.values() if t is not None)
-    # the boundary states read back, and the scratch: every recomputed state written and read once
-    extra = boundary.numel() * 4 + 2 * 4 * batch * length * channels * state
+    # the boundary states read back, the scratch (the state entering every group of tokens, written
+    # and read once) and the segments' carries (written once, read by the segments to their left)
+    extra = boundary.numel() * 4 + 2 * 4 * batch * num_chunks * (chunk_size // group) * channels * state
+    extra += carries.numel() * 4 * (1 + splits // 2) if splits > 1 else 0
+    args = dict(
+        u_ptr=u, delta_ptr=delta, A_ptr=scaled_A, B_ptr=B, C_ptr=C, D_ptr=D if D is not None else u,
+        z_ptr=z if z is not None else u, dout_ptr=dout, boundary_ptr=boundary, scratch_ptr=scratch,
+        carry_ptr=carries, du_ptr=grads["du"], ddelta_ptr=grads["ddelta"],
+        dz_ptr=grads["dz"] if z is not None else grads["du"], dA_ptr=grads["dA"],
+        dD_ptr=grads["dD"] if D is not None else grads["dA"], dB_ptr=grads["dB"], dC_ptr=grads["dC"],
+        length=length, num_chunks=num_chunks, chunks_per_split=chunks_per_split, channel_stride=1,
+    )  # fmt: skip
+    constexprs = dict(
+        channels=channels, HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, CARRY_PASS=False,
+        CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, E_HI=layout.block_e // e_lo, E_LO=e_lo,
+        BLOCK_N=layout.block_n, CHUNK=chunk_size, GROUP=group, SPLITS=splits, WARPS=num_warps,
+    )  # fmt: skip
+    grid = (batch, layout.num_tiles, splits)
+    token_steps = chunks_per_split * chunk_size // group  # iterations of each loop: a group of tokens each
+    exp = batch * length * channels * state  # one decay per element (recomputing is the kernel's choice)
+    prelude = ()
+    if splits > 1:  # the carry pass; its record in the report carries the op's floor, as the forward's
+        prelude = (KernelLaunch(
+            _selective_scan_bwd_kernel, grid, args, {**constexprs, "CARRY_PASS": True}, num_warps=num_warps,
+            work=LaunchWork(token_steps=token_steps, exp=exp, bytes_min=reads + writes,
+                            bytes_moved=reads + extra),
+            notes={"tokens_per_iteration": group},
+        ),)  # fmt: skip
     launch = KernelLaunch(
-        _selective_scan_bwd_kernel, (batch, layout.num_tiles),
-        dict(u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C, D_ptr=D if D is not None else u,
-             z_ptr=z if z is not None else u, dout_ptr=dout, boundary_ptr=boundary, scratch_ptr=scratch,
-             du_ptr=grads["du"], ddelta_ptr=grads["ddelta"],
-             dz_ptr=grads["dz"] if z is not None else grads["du"], dA_ptr=grads["dA"],
-             dD_ptr=grads["dD"] if D is not None else grads["dA"], dB_ptr=grads["dB"], dC_ptr=grads["dC"],
-             length=length, channels=channels, state=state, num_chunks=num_chunks,
-             num_tiles=layout.num_tiles, channel_stride=1),
-        dict(HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size,
-             CHANNELS_PER_PROGRAM=layout.channels_per_program, BLOCK_E=layout.block_e,
-             BLOCK_N=layout.block_n, CHUNK=chunk_size),
-        num_warps=layout.bwd_warps,
-        work=LaunchWork(token_steps=num_chunks * chunk_size, exp=batch * length * channels * state,
-                        bytes_min=reads + writes, bytes_moved=reads + writes + extra),
+        _selective_scan_bwd_kernel, grid, args, constexprs, num_warps=num_warps,
+        work=LaunchWork(token_steps=token_steps, exp=exp, bytes_min=reads + writes,
+                        bytes_moved=reads + writes + extra),
+        notes={"tokens_per_iteration": group}, prelude=prelude,
     )  # fmt: skip
     return launch, grads
+
+
+def backward_candidates(u: torch.Tensor, state: int, group_size: int, chunk_size: int,
+                        block_channels: int) -> list[dict[str, int]]:  # fmt: skip
+    """The backward's autotune space: the shape-chosen default first, then one tunable changed at a time
+    (twice / half the warps, groups of 2 tokens, and for a split sequence no split or twice the
+    segments). Each computes the same function (tested); ``autotune`` times them on CUDA."""
+    batch, length, channels = u.shape
+    layout = _Layout(channels, state, group_size, block_channels)
+    num_chunks = -(-length // chunk_size)
+    splits = backward_splits(batch, layout.num_tiles, num_chunks)
+    warps = max(1, min(layout.block_n, layout.block_n * layout.block_e // 512))
+    candidates: list[dict[str, int]] = [{}]
+    candidates += [{"num_warps": w} for w in (warps // 2, warps * 2) if 1 <= w <= layout.block_n]
+    if chunk_size % 4 == 0:  # the default groups 4 tokens
+        candidates.append({"group": 2})
+    if splits > 1:
+        candidates += [{"splits": 1}, {"splits": min(num_chunks, 2 * splits)}]
+    return candidates
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -370,18 +437,25 @@ def selective_scan_triton_bwd(
     num_chunks = -(-length // chunk_size)
     if boundary.shape != (batch, num_chunks, A.shape[1], channels):
         raise RuntimeError("the forward did not keep its chunk states (it ran without gradients)")
-    launch, grads = backward_launch(dout.contiguous(), u, delta, A, B, C, D, z, boundary, group_size,
-                                    chunk_size, block_channels)  # fmt: skip
+    dout = dout.contiguous()
+    config = (group_size, chunk_size, block_channels)
     with device_guard(u):
+        key = (tuple(u.shape), A.shape[1], u.dtype, D is not None, z is not None, *config)
+        tunables = autotune.choose(
+            "selective_scan_bwd", key, backward_candidates(u, A.shape[1], *config),
+            lambda params: backward_launch(dout, u, delta, A, B, C, D, z, boundary, *config, **params)[0].run,
+            u.device,
+        )  # fmt: skip
+        launch, grads = backward_launch(dout, u, delta, A, B, C, D, z, boundary, *config, **tunables)
         launch.run()
     none = u.new_empty(0)
     return (
         grads["du"],
         grads["ddelta"],
-        grads["dA"].sum(0).to(A.dtype),
+        grads["dA"].sum((0, 1)).t().to(A.dtype).contiguous(),  # kept (state, channels), coalesced
         grads["dB"].sum(2).to(B.dtype),
         grads["dC"].sum(2).to(C.dtype),
-        grads["dD"].sum(0).to(D.dtype) if D is not None else none.clone(),
+        grads["dD"].sum((0, 1)).to(D.dtype) if D is not None else none.clone(),
         grads["dz"] if z is not None else none.clone(),
     )
 

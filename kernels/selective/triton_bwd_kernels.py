@@ -1,0 +1,264 @@
+"""Triton kernel of the selective bandpass scan's backward, with its fused epilogue.
+
+One program owns one batch row, one tile of channels (one norm group when the norm is fused) and one
+segment of the sequence. Its ``(state, channels)`` state is held as ``(E_HI, state, E_LO)``: the
+channels' low part over a warp's lanes, the states split over the warps, every thread holding whole
+channels of its warp's states. So the gradients that sum over channels (``B``, ``C``) and the group
+norm's sums stay inside a warp (shuffles), and only the sums over the state (the read-out, the
+gradients of ``u`` and ``delta``) cross warps (one shared-memory exchange each).
+
+States in reverse order without storing them all: the forward keeps the state at the end of every
+``CHUNK`` tokens. The backward walks its segment's chunks last to first. For a chunk it (1) recomputes
+the states token by token and writes the one that enters each group of ``GROUP`` tokens to a small
+per-program scratch, then (2) walks the groups last to first: recomputes the group's ``GROUP`` states into
+registers (unrolled), then runs the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
+back through them, with the epilogue's backward (group RMS norm, ``D u``, ``silu(z)``) fused. The
+scratch traffic is one state per group, not one per token.
+
+Small batches split the sequence into segments (``SPLITS`` programs per row and tile). The adjoint is
+linear in the carry that enters a segment from the right: the segment's carry out is
+``L + P * carry_in``, with ``L`` its carry out from a zero carry and ``P = exp(A sum_t delta_t)``. A first
+launch (``CARRY_PASS``) writes every segment's ``L`` and ``P``; the second combines those of the
+segments to its right into its incoming carry and computes the gradients. No atomics: gradients that
+reduce over channels (``B``, ``C``) or over tokens (``A``, ``D``) are per-program partial sums that the
+caller reduces.
+
+Tokens past the end of the sequence load as ``u = delta = dout = 0``: a step is then the identity and
+contributes nothing, so chunks need no tail handling. Everything is computed in fp32; ``A`` arrives as
+``A log2(e)``, ``(state, channels)``, so a decay is one ``exp2``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NORM_EPS: tl.constexpr = tl.constexpr(1e-6)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _per_thread(base, thread_part, register_part):
+    """``base + thread_part + register_part``, where ``thread_part`` is one value per thread and
+    ``register_part`` a compile-time constant per register: one address register per thread and
+    immediates. Marked not contiguous: vectorised, the access would come in a layout of its own,
+    converted through shared memory at every use."""
+    return tl.max_contiguous((base + thread_part) + register_part, [1, 1, 1])
+
+
+@triton.jit
+def _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live, channels,
+                  STATE: tl.constexpr):  # fmt: skip
+    """A token's ``delta u`` and ``delta`` (per channel, fp32) and ``B`` (per state); zeros past the end."""
+    u = tl.load(u_ptr + row * channels + offs_e, mask=mask_e & live, other=0.0).to(tl.float32)
+    delta = tl.load(delta_ptr + row * channels + offs_e, mask=mask_e & live, other=0.0).to(tl.float32)
+    b = tl.load(B_ptr + row * STATE + offs_n, mask=mask_n & live, other=0.0)
+    return delta * u, delta, b
+
+
+@triton.jit
+def _state_step(s, A, delta_u, delta, b):
+    """``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`` on ``(E_HI, state, E_LO)``."""
+    return tl.exp2(delta[:, None, :] * A) * s + b[None, :, None] * delta_u[:, None, :]
+
+
+@triton.jit
+def _adjoint_step(
+    s, grad_carry, dA, dD, A, D, row, live, tile, num_tiles, channels, offs_e, mask_e, offs_n, mask_n,
+    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
+    STATE: tl.constexpr,
+):  # fmt: skip
+    """One token of the adjoint, given its state ``s_t`` and the carry ``exp(delta_{t+1} A) g_{t+1}``:
+    stores the token's gradients, returns the carry for the token before and the running ``dA``, ``dD``."""
+    # A barrier per token keeps the compiler from holding a group's later tokens' loads (or the
+    # recomputation's, reused) in registers across the group: without it sm_80 spills.
+    tl.debug_barrier()
+    mask_te = mask_e & live
+    offsets = row * channels + offs_e
+    delta_u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live,
+                                      channels, STATE)  # fmt: skip
+    u = tl.load(u_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
+    c = tl.load(C_ptr + row * STATE + offs_n, mask=mask_n & live, other=0.0)
+
+    # epilogue backward: out = (norm(y) + D u) * silu(z)
+    y = tl.sum(s * c[None, :, None], axis=1)
+    rstd = 1.0
+    if GROUP_SIZE > 0:
+        rstd = tl.rsqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / GROUP_SIZE + NORM_EPS)
+    y_normed = y * rstd
+    grad_pre_gate = dout
+    if HAS_Z:
+        z = tl.load(z_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
+        # sigmoid with the approximate division (2 ulp): the IEEE one calls a slow-path subroutine, and
+        # the call spills the registers live across it
+        gate = tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * z))
+        if not CARRY_PASS:
+            pre_gate = y_normed
+            if HAS_D:
+                pre_gate += u * D
+            dz = dout * pre_gate * gate * (1.0 + z * (1.0 - gate))
+            tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask_te)
+        grad_pre_gate = dout * z * gate
+    dy = grad_pre_gate
+    if GROUP_SIZE > 0:
+        mean = tl.sum(tl.sum(grad_pre_gate * y_normed, axis=1), axis=0) / GROUP_SIZE
+        dy = rstd * (grad_pre_gate - y_normed * mean)
+
+    # the scan's backward
+    g = grad_carry + c[None, :, None] * dy[:, None, :]
+    decay = tl.exp2(delta[:, None, :] * A)
+    if not CARRY_PASS:
+        grad_x = tl.sum(g * b[None, :, None], axis=1)
+        # d loss / d(delta_t A) = g_t exp(delta_t A) s_{t-1} = g_t (s_t - delta_t u_t B_t)
+        grad_log_decay = g * (s - b[None, :, None] * delta_u[:, None, :])
+        du = grad_x * delta
+        if HAS_D:
+            dD += grad_pre_gate * u
+            du += grad_pre_gate * D
+        ddelta = grad_x * u + LN2 * tl.sum(grad_log_decay * A, axis=1)  # A holds A log2(e)
+        dA += grad_log_decay * delta[:, None, :]
+        tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=mask_te)
+        tl.store(ddelta_ptr + offsets, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_te)
+        # this tile's share of d loss / d B_t and d C_t (channels: in-thread first, then the lanes)
+        db = tl.sum(tl.sum(g * delta_u[:, None, :], axis=0), axis=1)
+        dc = tl.sum(tl.sum(s * dy[:, None, :], axis=0), axis=1)
+        partial = (row * num_tiles + tile) * STATE + offs_n
+        tl.store(dB_ptr + partial, db, mask=mask_n & live)
+        tl.store(dC_ptr + partial, dc, mask=mask_n & live)
+    return decay * g, dA, dD
+
+
+# ``channel_stride`` (always 1) stays a runtime value, as in the forward: known to be 1, Triton would
+# vectorise the channel accesses (several channels a thread, a state split over lanes) and convert
+# layouts in every token step. ``channels`` is a compile-time constant: the addresses of a thread's
+# states (state * channels + channel) are then one register and immediates, not a register each.
+@triton.jit(do_not_specialize=["channel_stride"])
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, boundary_ptr, scratch_ptr, carry_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
+    length, num_chunks, chunks_per_split, channel_stride, channels: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
+    CHANNELS_PER_PROGRAM: tl.constexpr, STATE: tl.constexpr, E_HI: tl.constexpr, E_LO: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr,
+    WARPS: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(CHUNK % GROUP == 0)
+    tl.static_assert((GROUP == 1) | (GROUP == 2) | (GROUP == 4))
+    batch_index = tl.program_id(0)
+    tile = tl.program_id(1)
+    split = tl.program_id(2)
+    num_tiles = tl.num_programs(1)
+    e3 = tl.arange(0, E_HI)[:, None, None] * E_LO + tl.arange(0, E_LO)[None, None, :]
+    n3 = tl.arange(0, BLOCK_N)[None, :, None]
+    local_e = tl.arange(0, E_HI)[:, None] * E_LO + tl.arange(0, E_LO)[None, :]  # (E_HI, E_LO)
+    offs_n = tl.arange(0, BLOCK_N)
+    channel = tile * CHANNELS_PER_PROGRAM + local_e
+    # tiles that fill their blocks (the production shapes) need no masks: fewer registers held
+    EVEN: tl.constexpr = (CHANNELS_PER_PROGRAM == E_HI * E_LO) & (channels % CHANNELS_PER_PROGRAM == 0)
+    mask_e = (local_e < CHANNELS_PER_PROGRAM) & (channel < channels)
+    if EVEN:
+        mask_e = local_e >= 0
+    offs_e = channel * channel_stride
+    mask_n = offs_n < STATE
+    mask_s = ((e3 < CHANNELS_PER_PROGRAM) & (tile * CHANNELS_PER_PROGRAM + e3 < channels)) & (n3 < STATE)
+    if EVEN & (STATE == BLOCK_N):
+        mask_s = (e3 + n3) >= 0
+    state_offsets = n3 * channels + (tile * CHANNELS_PER_PROGRAM + e3) * channel_stride  # as in memory
+    A = tl.load(A_ptr + state_offsets, mask=mask_s, other=0.0)  # A log2(e)
+    D = tl.zeros((E_HI, E_LO), tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)
+    sequence = batch_index.to(tl.int64) * length  # 64-bit: batch * length * channels is large
+    program = (batch_index * num_tiles + tile) * SPLITS + split
+    TILE: tl.constexpr = BLOCK_N * E_HI * E_LO
+    # Private to the program, and laid out so that a thread's entries are contiguous: its addresses are
+    # one register and immediates (a layout coalesced across lanes costs a 64-bit address register pair
+    # per entry, and the loop-invariant ones spill).
+    SPW: tl.constexpr = BLOCK_N // WARPS  # states per warp
+    local_thread = ((n3 // SPW) * E_LO + e3 % E_LO) * (E_HI * SPW)  # the same for all of a thread's entries
+    local_reg = (e3 // E_LO) * SPW + n3 % SPW  # a compile-time constant per register
+    scratch = _per_thread(
+        scratch_ptr + program.to(tl.int64) * ((CHUNK // GROUP) * TILE), local_thread, local_reg
+    )
+    first_chunk = split * chunks_per_split
+    last_chunk = tl.minimum(first_chunk + chunks_per_split, num_chunks) - 1
+    # the segments' carries, (batch, tiles, splits, 2, tile), each tile in the scratch's order: L then P
+    carries = carry_ptr + (batch_index * num_tiles + tile).to(tl.int64) * (SPLITS * 2 * TILE)
+    carries = _per_thread(carries, local_thread, local_reg)
+
+    # exp(delta_{t+1} A) g_{t+1}: zero past the end, else what the segments to the right send
+    grad_carry = tl.zeros((E_HI, BLOCK_N, E_LO), tl.float32)
+    if not CARRY_PASS:
+        for index in range(SPLITS - 1 - split):  # the segments to the right, last to first
+            later = carries + (SPLITS - 1 - index) * (2 * TILE)
+            grad_carry = tl.load(later) + tl.load(later + TILE) * grad_carry
+    dA = tl.zeros((E_HI, BLOCK_N, E_LO), tl.float32)
+    dD = tl.zeros((E_HI, E_LO), tl.float32)
+    delta_sum = tl.zeros((E_HI, E_LO), tl.float32)
+    for reverse_chunk in range(last_chunk - first_chunk + 1):
+        chunk = last_chunk - reverse_chunk
+        start = chunk * CHUNK
+        # 1. the states entering each group of the chunk, recomputed from the one entering the chunk
+        boundary = boundary_ptr + (batch_index * num_chunks + tl.maximum(chunk - 1, 0)).to(tl.int64) * (
+            STATE * channels
+        )
+        # (offsets that depend on the chunk: hoisted out of the loop, they would be held, and spill)
+        s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
+        tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
+        for group in range(CHUNK // GROUP):
+            tl.store(scratch + group * TILE, s)
+            for step in tl.static_range(GROUP):
+                t = start + group * GROUP + step
+                delta_u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t, offs_e, mask_e,
+                                                  offs_n, mask_n, t < length, channels, STATE)  # fmt: skip
+                s = _state_step(s, A, delta_u, delta, b)
+                if CARRY_PASS:
+                    delta_sum += delta
+        # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
+        # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
+        # one layout, which it does; the two barriers a chunk make that an optimisation, not a premise.)
+        tl.debug_barrier()
+        for reverse_group in range(CHUNK // GROUP):
+            group = CHUNK // GROUP - 1 - reverse_group
+            t0 = start + group * GROUP
+            s0 = tl.load(scratch + group * TILE)
+            s1 = _state_step(s0, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0, offs_e, mask_e,
+                                                   offs_n, mask_n, t0 < length, channels, STATE))  # fmt: skip
+            s2 = s1
+            s3 = s1
+            s4 = s1
+            if GROUP >= 2:
+                s2 = _state_step(s1, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0 + 1, offs_e,
+                                                       mask_e, offs_n, mask_n, t0 + 1 < length, channels,
+                                                       STATE))  # fmt: skip
+            if GROUP >= 4:
+                s3 = _state_step(s2, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0 + 2, offs_e,
+                                                       mask_e, offs_n, mask_n, t0 + 2 < length, channels,
+                                                       STATE))  # fmt: skip
+                s4 = _state_step(s3, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0 + 3, offs_e,
+                                                       mask_e, offs_n, mask_n, t0 + 3 < length, channels,
+                                                       STATE))  # fmt: skip
+            for back in tl.static_range(GROUP):  # the group's tokens last to first
+                step = GROUP - 1 - back
+                s = s4 if step == 3 else (s3 if step == 2 else (s2 if step == 1 else s1))
+                grad_carry, dA, dD = _adjoint_step(
+                    s, grad_carry, dA, dD, A, D, sequence + t0 + step, t0 + step < length, tile, num_tiles,
+                    channels, offs_e, mask_e, offs_n, mask_n, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z, GROUP_SIZE, CARRY_PASS, STATE,
+                )  # fmt: skip
+
+    if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
+        segment = carries + split * (2 * TILE)
+        tl.store(segment, grad_carry)
+        tl.store(segment + TILE, tl.exp2(delta_sum[:, None, :] * A))
+    else:  # partial sums over this segment's tokens: (batch, splits, state, channels) and (.., channels)
+        partial = (batch_index * SPLITS + split).to(tl.int64) * channels
+        # (offsets formed anew, ``channel_stride - 1`` is 0: shared with the start's, they were held)
+        dA_ptr += partial * STATE + (channel_stride - 1)
+        tl.store(
+            dA_ptr + n3 * channels + (tile * CHANNELS_PER_PROGRAM + e3) * channel_stride, dA, mask=mask_s
+        )
+        if HAS_D:
+            tl.store(dD_ptr + partial + offs_e, dD, mask=mask_e)
