@@ -427,6 +427,34 @@ def test_selective_scan_backward_autotune_candidates_agree():
             _assert_close(result[name], expected, FP32_TOL, name)
 
 
+@kernels_run_here
+def test_selective_scan_ops_run_the_autotuned_choice(monkeypatch, tmp_path):
+    """With tuning on (as on CUDA) and a timer that prefers the last candidate, the forward and backward
+    ops run a non-default choice, remember it, and still compute the reference's output and gradients."""
+    from defocus_scale.kernels import autotune
+
+    monkeypatch.setenv("DEFOCUS_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(autotune, "_tunable", lambda device: True)
+    timed = []
+
+    def prefer_the_last(run):
+        timed.append(run)
+        return 1.0 / len(timed)  # each later candidate "faster" than the ones before
+
+    monkeypatch.setattr(autotune, "_default_timer", prefer_the_last)
+    autotune.clear()
+    try:
+        _compare(
+            lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=4, block_channels=4),
+            lambda **t: selective_scan_naive(**t, group_size=4),
+            _scan_inputs(2, 13, 8, 4), torch.float32, FP32_TOL,
+        )  # fmt: skip
+        chosen = {key.split("|")[0]: params for key, params in autotune._CHOICES.items()}
+        assert set(chosen) == {"selective_scan_fwd", "selective_scan_bwd"} and all(chosen.values())
+    finally:
+        autotune.clear()
+
+
 # --- retention scan ------------------------------------------------------------------------------------
 
 # (length, dk, dv, theta): the chunk is 16 tokens here; dk 8 pads the pair blocks, dv 40 spans 3 blocks
