@@ -71,9 +71,12 @@ def selective_launches(channels: int, length: int, batch: int, dtype: torch.dtyp
 
 def retention_launches(heads: int, length: int, batch: int, dtype: torch.dtype):
     q = _meta(batch, length, heads, HEAD_DIM, dtype=dtype)
-    log_decay, theta = _meta(heads), _meta(heads, HEAD_DIM // 2)
-    fwd, out = retention.forward_launch(q, q, q, log_decay, theta, 64, 64)
-    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, theta, 64, 64)
+    # q and k as the kernels read them: rotated (in fp32, outside the kernels) to the activations' dtype;
+    # the launchers' default tiling (fp32: the precision torch's matmul setting allows, see the record's
+    # PRECISION)
+    log_decay = _meta(heads)
+    fwd, out = retention.forward_launch(q, q, q, log_decay)
+    bwd, _ = retention.backward_launch(out, q, q, q, log_decay)
     return fwd, bwd
 
 

@@ -11,6 +11,8 @@ computed in fp32 inside them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton.language as tl
 
@@ -19,104 +21,158 @@ from ..selective.triton import check_triton_device, device_guard
 from .triton_kernels import _retention_bwd_kernel, _retention_fwd_kernel
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# the largest SM count of the GPUs we target (B200): small batches are split until the grid has this many
+# programs when the device is unknown (the kernel report's meta tensors, the interpreter)
+_DEFAULT_SMS = 148
 
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-class _Tiling:
-    def __init__(self, length: int, dk: int, dv: int, chunk_size: int, block_v: int, q: torch.Tensor):
-        # tl.dot needs every block dimension >= 16
-        self.block_t = max(16, min(chunk_size, _next_power_of_2(length)))
-        self.block_p = max(16, _next_power_of_2(dk // 2))
-        self.block_v = max(16, min(block_v, _next_power_of_2(dv)))
-        if q.dtype == torch.float32:
-            # full-fp32 products run on the FMA units with their operands in registers: a smaller value
-            # block keeps the backward's tiles within the A100's shared memory
-            self.block_v = min(self.block_v, 32)
-        self.num_v = -(-dv // self.block_v)
-        self.num_chunks = -(-length // self.block_t)
-        self.dot_dtype = _DOT_DTYPES[q.dtype]
-        if q.dtype == torch.float32:
-            self.precision = "ieee"
-        else:  # tensor cores; the interpreter (CPU) cannot multiply 16-bit floats (see _mm)
-            # (meta tensors: the kernel report, compiling for a GPU)
-            self.precision = "emulate" if q.device.type == "cpu" else "tf32"
-        self.num_warps = 4 if self.block_p * self.block_v <= 64 * 64 else 8
-
-    def meta(self, has_theta: bool) -> dict:
-        return dict(
-            HAS_THETA=has_theta, BLOCK_T=self.block_t, BLOCK_P=self.block_p, BLOCK_V=self.block_v,
-            DOT_DTYPE=self.dot_dtype, PRECISION=self.precision, num_warps=self.num_warps,
-        )  # fmt: skip
+def _sm_count(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _DEFAULT_SMS
 
 
-def forward_launch(
-    q, k, v, log_decay, theta, chunk_size: int, block_v: int
-) -> tuple[KernelLaunch, torch.Tensor]:
-    """The forward kernel's launch for these contiguous inputs and the output it writes; also what
-    ``benchmarks/kernel_report.py`` compiles."""
+def fp32_precision() -> str:
+    """How fp32 inputs multiply: TF32 tensor cores when the user allows them for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, as torch's own matmuls do), full IEEE fp32 otherwise."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@dataclass
+class Tiling:
+    """The tunables of one launch (an autotuner may pass any of them; ``None`` picks the default from the
+    shapes). ``chunk``: tokens per chunk; ``block_v``: value dims per program; ``split``: chunk ranges
+    handled by separate programs (small batches); ``precision``: ``"ieee"``/``"tf32"`` for fp32 inputs."""
+
+    chunk: int | None = None
+    block_v: int | None = None
+    split: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    precision: str | None = None
+
+    def resolve(self, q: torch.Tensor, dv: int, backward: bool) -> Tiling:
+        batch, length, heads, dk = q.shape
+        interpreted = q.device.type == "cpu"
+        fp32 = q.dtype == torch.float32
+        precision = self.precision or (fp32_precision() if fp32 else "tf32")
+        if interpreted:  # the interpreter cannot multiply 16-bit floats nor round to TF32 (see ``_mm``)
+            precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
+        on_fma = fp32 and precision == "ieee"
+        # full-fp32 products run on the FMA units with their operands in registers: chunks of 32 tokens
+        # (fewer registers per tile, less padding of 197 tokens); tensor cores take chunks of 64
+        chunk = self.chunk or (32 if on_fma else 64)
+        chunk = max(16, min(_next_power_of_2(chunk), _next_power_of_2(length)))  # tl.dot: >= 16
+        block_v = max(16, min(_next_power_of_2(self.block_v or 64), _next_power_of_2(dv)))
+        num_v = -(-dv // block_v)
+        num_chunks = -(-length // chunk)
+        split = self.split
+        if split is None:  # fill the GPU: one program per SM at least, splitting the chunks
+            split = min(num_chunks, -(-_sm_count(q) // (batch * heads * num_v)))
+        split = max(1, min(split, num_chunks))
+        per_split = -(-num_chunks // split)
+        split = -(-num_chunks // per_split)  # no empty split
+        num_warps = self.num_warps or (8 if backward and on_fma else 4)
+        return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision)
+
+
+def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int) -> dict:
+    dk = q.shape[-1]
+    return dict(DK=dk, DV=dv, BLOCK_T=tiling.chunk, BLOCK_K=max(16, _next_power_of_2(dk)),
+                BLOCK_V=tiling.block_v, DOT_DTYPE=_DOT_DTYPES[q.dtype], PRECISION=tiling.precision)  # fmt: skip
+
+
+def forward_launch(q, k, v, log_decay, tiling: Tiling | None = None) -> tuple[KernelLaunch, torch.Tensor]:
+    """The forward kernel's launch for these contiguous inputs (``q``, ``k`` rotated) and the output it
+    writes; also what ``benchmarks/kernel_report.py`` compiles."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
+    tiling = (tiling or Tiling()).resolve(q, dv, backward=False)
+    num_chunks = -(-length // tiling.chunk)
+    per_split = -(-num_chunks // tiling.split)
+    num_v = -(-dv // tiling.block_v)
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    meta = tiling.meta(theta is not None)
-    num_warps = meta.pop("num_warps")
     io = sum(t.numel() * t.element_size() for t in (q, k, v, out))
+    qk_bytes = (q.numel() + k.numel()) * q.element_size()
+    # q and k are read once per value block; a split re-reads the keys and values of the chunks before it
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * sum(
+        t.numel() * t.element_size() for t in (k, v))
     launch = KernelLaunch(
-        _retention_fwd_kernel, (batch * heads, tiling.num_v),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay,
-             theta_ptr=theta if theta is not None else log_decay, o_ptr=out,
-             length=length, heads=heads, dk=dk, dv=dv, num_chunks=tiling.num_chunks),
-        meta, num_warps=num_warps,
-        # q and k are read once per value block
-        work=LaunchWork(token_steps=tiling.num_chunks, exp=0, bytes_min=io,
-                        bytes_moved=io + (tiling.num_v - 1) * (q.numel() + k.numel()) * q.element_size()),
-        notes={"tokens_per_iteration": tiling.block_t},
+        _retention_fwd_kernel, (batch * heads, num_v, tiling.split),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, o_ptr=out, length=length, heads=heads,
+             num_chunks=num_chunks, chunks_per_split=per_split),
+        _constexprs(tiling, q, dv), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        # token loop iterations of the last split: its own chunks and the earlier ones it re-reads (the
+        # re-reading loop stores nothing, so the report prices those chunks at the token loop's cost)
+        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
+                        bytes_moved=int(io + (num_v - 1) * qk_bytes + reread)),
+        notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, out
 
 
-def backward_launch(dout, q, k, v, log_decay, theta, chunk_size: int, block_v: int):
-    """The backward kernel's launch and the tensors it writes (gradients or per-value-block shares)."""
+def backward_launch(dout, q, k, v, log_decay, tiling: Tiling | None = None, rotated: bool = True):
+    """The backward kernel's launch and the tensors it writes (gradients or per-value-block shares).
+    ``rotated``: ``q`` and ``k`` were rotated, so their gradients are written in fp32 for the rotation's
+    backward (``dtheta`` sums ``t``-weighted products over tokens: bf16 gradients would cost it ~5%)."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    # Chunks of at most 32 tokens and 8 warps: the backward holds two states and twice the forward's
-    # tiles; at 64 tokens and 4 warps it spilled 1.5 KB a thread (bf16, sm_90; fp32 3 KB) in the report.
-    # The chunk size is a tiling choice only: the result is the same.
-    tiling = _Tiling(length, dk, dv, min(chunk_size, 32), block_v, q)
-    tiling.num_warps = 8
+    tiling = (tiling or Tiling()).resolve(q, dv, backward=True)
+    num_chunks = -(-length // tiling.chunk)
+    per_split = -(-num_chunks // tiling.split)
+    num_v = -(-dv // tiling.block_v)
     f32 = dict(dtype=torch.float32, device=q.device)
-    if tiling.num_v == 1:  # the kernel writes the final gradients directly
-        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+    if num_v == 1:  # the kernel writes the final gradients directly
+        grad_dtype = torch.float32 if rotated else q.dtype
+        dq, dk_ = torch.empty(q.shape, dtype=grad_dtype, device=q.device), torch.empty_like(q, dtype=grad_dtype)
     else:  # one fp32 share per value block, summed by the caller
-        dq = torch.empty(tiling.num_v, *q.shape, **f32)
-        dk_ = torch.empty(tiling.num_v, *k.shape, **f32)
-    dtheta = torch.empty(tiling.num_v, batch, heads, dk // 2, **f32) if theta is not None else None
+        dq, dk_ = torch.empty(num_v, *q.shape, **f32), torch.empty(num_v, *k.shape, **f32)
     grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v),
-                 dlog_decay=torch.empty(tiling.num_v, batch, heads, **f32), dtheta=dtheta)  # fmt: skip
-    meta = tiling.meta(theta is not None)
-    num_warps = meta.pop("num_warps")
+                 dlog_decay=torch.empty(tiling.split, num_v, batch, heads, **f32))  # fmt: skip
     io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"]))
+    inputs = sum(t.numel() * t.element_size() for t in (dout, q, k, v))
+    # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * sum(
+        t.numel() * t.element_size() for t in (dout, q, k, v))
     launch = KernelLaunch(
-        _retention_bwd_kernel, (batch * heads, tiling.num_v),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay,
-             theta_ptr=theta if theta is not None else log_decay, do_ptr=dout, dq_ptr=dq, dk_ptr=dk_,
-             dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
-             dtheta_ptr=dtheta if dtheta is not None else grads["dlog_decay"],
-             batch=batch, length=length, heads=heads, dk=dk, dv=dv, num_chunks=tiling.num_chunks),
-        meta, num_warps=num_warps,
-        # two passes over the chunks (forward for dq, reverse for dk and dv): the inputs are read twice
-        work=LaunchWork(token_steps=tiling.num_chunks, exp=0, bytes_min=io, bytes_moved=2 * io),
-        notes={"tokens_per_iteration": tiling.block_t},
+        _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, do_ptr=dout, dq_ptr=dq, dk_ptr=dk_,
+             dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"], batch=batch, length=length,
+             heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
+        _constexprs(tiling, q, dv), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs are read twice
+        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
+                        bytes_moved=int(io + inputs + (num_v - 1) * (q.numel() + k.numel()) * 4 + reread)),
+        notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, grads
 
 
 # --- torch.library custom ops (``custom_op`` rather than ``triton_op``: see ``selective/triton.py``) ------
-# The forward keeps nothing but its inputs; the backward is a second op. ``log_decay`` and ``theta``
-# arrive in fp32; ``dtheta`` is an empty tensor without ``theta``.
+# The forward keeps nothing but its inputs; the backward is a second op. The rotary runs in the ops, in
+# fp32 PyTorch, outside the kernels: the forward rotates q and k once (rounded to their dtype, as the
+# tensor cores read them); the backward rotates again, takes the kernel's fp32 gradients of the rotated
+# q and k back through the rotation and reduces ``dtheta`` in fp32. ``log_decay`` arrives in fp32. The
+# tiling travels as plain ints and a string (0 / "": the default).
+
+
+def _tiling(chunk_size: int, block_v: int, split: int, num_warps: int, precision: str) -> Tiling:
+    return Tiling(chunk_size or None, block_v or None, split or None, num_warps or None, None, precision or None)
+
+
+def _angles(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``t theta`` in fp32, ``(length, heads, dk / 2)``."""
+    return torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[:, None, None] * theta.float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pairs ``(x[2j], x[2j+1])`` rotated by the angles of ``cos``/``sin``, in fp32."""
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 @torch.library.custom_op("defocus::retention_scan_triton_fwd", mutates_args=())
@@ -128,16 +184,23 @@ def retention_scan_triton_fwd(
     theta: torch.Tensor | None,
     chunk_size: int,
     block_v: int,
+    split: int,
+    num_warps: int,
+    precision: str,
 ) -> torch.Tensor:
     """``(batch, length, heads, dv)`` in ``v``'s dtype from contiguous inputs."""
-    launch, out = forward_launch(q, k, v, log_decay, theta, chunk_size, block_v)
+    if theta is not None:
+        angles = _angles(q, theta)
+        cos, sin = angles.cos(), angles.sin()
+        q, k = (_rotate(x, cos, sin).to(x.dtype) for x in (q, k))
+    launch, out = forward_launch(q, k, v, log_decay, _tiling(chunk_size, block_v, split, num_warps, precision))
     with device_guard(q):
         launch.run()
     return out
 
 
 @retention_scan_triton_fwd.register_fake
-def _(q, k, v, log_decay, theta, chunk_size, block_v):
+def _(q, k, v, log_decay, theta, chunk_size, block_v, split, num_warps, precision):
     return v.new_empty(v.shape)
 
 
@@ -151,36 +214,57 @@ def retention_scan_triton_bwd(
     theta: torch.Tensor | None,
     chunk_size: int,
     block_v: int,
+    split: int,
+    num_warps: int,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_decay, dtheta)``, each in its input's dtype (``dtheta`` empty without theta)."""
-    launch, grads = backward_launch(dout.contiguous(), q, k, v, log_decay, theta, chunk_size, block_v)
+    rotated = theta is not None
+    if rotated:
+        angles = _angles(q, theta)
+        cos, sin = angles.cos(), angles.sin()
+        q_in, k_in = (_rotate(x, cos, sin).to(x.dtype) for x in (q, k))
+    else:
+        q_in, k_in = q, k
+    tiling = _tiling(chunk_size, block_v, split, num_warps, precision)
+    launch, grads = backward_launch(dout.contiguous(), q_in, k_in, v, log_decay, tiling, rotated)
     with device_guard(q):
         launch.run()
-    dq, dk_, dtheta = grads["dq"], grads["dk"], grads["dtheta"]
+    dq, dk_ = grads["dq"], grads["dk"]
     if dq.dim() == 5:  # one fp32 share per value block
-        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
-    grad_theta = dtheta.sum((0, 1)).to(theta.dtype) if theta is not None else q.new_empty(0)
-    return dq, dk_, grads["dv"], grads["dlog_decay"].sum((0, 1)).to(log_decay.dtype), grad_theta
+        dq, dk_ = dq.sum(0), dk_.sum(0)
+    grad_theta = q.new_empty(0)
+    # d(x~_e)/da = -x~_o, d(x~_o)/da = x~_e with a = t theta, on the rotated values the kernels multiplied
+    # (rounded to the inputs' dtype: half the dtheta error in bf16); dx = the inverse rotation of dx~
+    if rotated:
+        position = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)[:, None, None]
+        grad_theta = sum(
+            (position * (g[..., 1::2].float() * x[..., 0::2] - g[..., 0::2].float() * x[..., 1::2])).sum((0, 1))
+            for g, x in ((dq, q_in.float()), (dk_, k_in.float()))
+        ).to(theta.dtype)
+        dq, dk_ = _rotate(dq, cos, -sin), _rotate(dk_, cos, -sin)
+    dlog_decay = grads["dlog_decay"].sum((0, 1, 2)).to(log_decay.dtype)
+    return dq.to(q.dtype), dk_.to(k.dtype), grads["dv"], dlog_decay, grad_theta
 
 
 @retention_scan_triton_bwd.register_fake
-def _(dout, q, k, v, log_decay, theta, chunk_size, block_v):
+def _(dout, q, k, v, log_decay, theta, chunk_size, block_v, split, num_warps, precision):
     grad_theta = theta.new_empty(theta.shape) if theta is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), \
         log_decay.new_empty(log_decay.shape), grad_theta  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_decay, theta, chunk_size, block_v = inputs
+    q, k, v, log_decay, theta, *config = inputs
     ctx.save_for_backward(q, k, v, log_decay, theta)
-    ctx.config = (chunk_size, block_v)
+    ctx.config = config
     ctx.has_theta = theta is not None
 
 
 def _backward(ctx, dout):
     q, k, v, log_decay, theta = ctx.saved_tensors
     dq, dk, dv, dlog_decay, dtheta = retention_scan_triton_bwd(dout, q, k, v, log_decay, theta, *ctx.config)
-    return dq, dk, dv, dlog_decay, dtheta if ctx.has_theta else None, None, None
+    return dq, dk, dv, dlog_decay, dtheta if ctx.has_theta else None, None, None, None, None, None
 
 
 retention_scan_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -193,15 +277,19 @@ def retention_scan_triton(
     log_decay: torch.Tensor,
     theta: torch.Tensor | None,
     *,
-    chunk_size: int = 64,
-    block_v: int = 64,
+    chunk_size: int = 0,
+    block_v: int = 0,
+    split: int = 0,
+    num_warps: int = 0,
+    precision: str = "",
 ) -> torch.Tensor:
     """Same contract as ``retention_scan_naive``, on Triton; differentiable in q, k, v, log_decay, theta.
 
     ``q, k: (batch, length, heads, dk)``, ``v: (batch, length, heads, dv)``, ``log_decay: (heads,)``
     (``< 0``), ``theta: (heads, dk // 2)`` or None -> ``(batch, length, heads, dv)`` in ``v``'s dtype.
-    ``chunk_size`` (tokens per chunk) and ``block_v`` (value dims per program) are rounded to powers
-    of two, at least 16.
+    The tunables (0 / "": chosen from the shapes, see :class:`Tiling`): ``chunk_size`` (tokens per
+    chunk) and ``block_v`` (value dims per program), rounded to powers of two >= 16; ``split`` (chunk
+    ranges in separate programs); ``num_warps``; ``precision`` of fp32 inputs (``"ieee"``, ``"tf32"``).
     """
     check_triton_device(dict(q=q, k=k, v=v, log_decay=log_decay, theta=theta))
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -220,10 +308,10 @@ def retention_scan_triton(
         raise ValueError(f"theta must be (heads={heads}, dk/2={dk // 2}), got {tuple(theta.shape)}")
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if chunk_size < 1 or block_v < 1:
-        raise ValueError(f"chunk_size and block_v must be >= 1, got {chunk_size}, {block_v}")
-    # the decay and the angles enter the kernels in fp32 whatever their dtype; converted here, outside the
+    if min(chunk_size, block_v, split, num_warps) < 0 or precision not in ("", "ieee", "tf32"):
+        raise ValueError(f"bad tiling: {chunk_size=}, {block_v=}, {split=}, {num_warps=}, {precision=}")
+    # the decay and the angles enter the ops in fp32 whatever their dtype; converted here, outside the
     # op, so autograd hands their gradients back in the caller's dtype
     q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay.float()))
     theta = theta.float().contiguous() if theta is not None else None
-    return retention_scan_triton_fwd(q, k, v, log_decay, theta, _next_power_of_2(chunk_size), block_v)
+    return retention_scan_triton_fwd(q, k, v, log_decay, theta, chunk_size, block_v, split, num_warps, precision)
