@@ -368,7 +368,9 @@ def test_opcheck_triton_ops():
     detached = [x.detach() for x in retention]
     dout = torch.randn_like(detached[2])
     torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached, *tiling))
-    torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached[:4], None, 16, 16, 1, 4, ""))
+    torch.library.opcheck(
+        retention_triton.retention_scan_triton_bwd, (dout, *detached[:4], None, 16, 16, 1, 4, "")
+    )
 
 
 @kernels_run_here

@@ -63,27 +63,41 @@ class Tiling:
         if interpreted:  # the interpreter cannot multiply 16-bit floats nor round to TF32 (see ``_mm``)
             precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
         on_fma = fp32 and precision == "ieee"
-        # full-fp32 products run on the FMA units with their operands in registers: chunks of 32 tokens
-        # (fewer registers per tile, less padding of 197 tokens); tensor cores take chunks of 64
-        chunk = self.chunk or (32 if on_fma else 64)
-        chunk = max(16, min(_next_power_of_2(chunk), _next_power_of_2(length)))  # tl.dot: >= 16
+        # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64): the largest chunk that
+        # compiles without spills on all three with 8 warps. Tensor cores: 64 tokens forward, 32 backward
+        # (it holds twice the tiles); TF32 operands are twice as wide: 32 and 16; full-fp32 products run
+        # on the FMA units with their operands in registers: 16.
+        chunks = {(False, False): 64, (False, True): 32, (True, False): 32, (True, True): 16}
+        default_chunk = 16 if on_fma else chunks[fp32, backward]
+        chunk = max(16, min(_next_power_of_2(self.chunk or default_chunk), _next_power_of_2(length)))
         block_v = max(16, min(_next_power_of_2(self.block_v or 64), _next_power_of_2(dv)))
+        sms, tasks = _sm_count(q), batch * heads
+
+        def programs(chunk: int, block_v: int) -> int:
+            return tasks * -(-dv // block_v) * -(-length // chunk)
+
+        # small batches: shorter chunks, then narrower value blocks, until one program per SM is possible
+        while self.chunk is None and chunk > 16 and programs(chunk, block_v) < sms:
+            chunk //= 2
+        while self.block_v is None and block_v > 16 and programs(chunk, block_v) < sms:
+            block_v //= 2
         num_v = -(-dv // block_v)
         num_chunks = -(-length // chunk)
         split = self.split
         if split is None:  # fill the GPU: one program per SM at least, splitting the chunks
-            split = min(num_chunks, -(-_sm_count(q) // (batch * heads * num_v)))
+            split = min(num_chunks, -(-sms // (tasks * num_v)))
         split = max(1, min(split, num_chunks))
         per_split = -(-num_chunks // split)
         split = -(-num_chunks // per_split)  # no empty split
-        num_warps = self.num_warps or (8 if backward and on_fma else 4)
+        num_warps = self.num_warps or 8
         return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision)
 
 
 def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int) -> dict:
     dk = q.shape[-1]
-    return dict(DK=dk, DV=dv, BLOCK_T=tiling.chunk, BLOCK_K=max(16, _next_power_of_2(dk)),
-                BLOCK_V=tiling.block_v, DOT_DTYPE=_DOT_DTYPES[q.dtype], PRECISION=tiling.precision)  # fmt: skip
+    block_k = max(16, _next_power_of_2(dk))
+    return dict(DK=dk, DV=dv, BLOCK_T=tiling.chunk, BLOCK_K=block_k, BLOCK_V=tiling.block_v,
+                DOT_DTYPE=_DOT_DTYPES[q.dtype], PRECISION=tiling.precision)  # fmt: skip
 
 
 def forward_launch(q, k, v, log_decay, tiling: Tiling | None = None) -> tuple[KernelLaunch, torch.Tensor]:
@@ -99,8 +113,14 @@ def forward_launch(q, k, v, log_decay, tiling: Tiling | None = None) -> tuple[Ke
     io = sum(t.numel() * t.element_size() for t in (q, k, v, out))
     qk_bytes = (q.numel() + k.numel()) * q.element_size()
     # q and k are read once per value block; a split re-reads the keys and values of the chunks before it
-    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * sum(
-        t.numel() * t.element_size() for t in (k, v))
+    reread = (
+        tiling.split
+        * (tiling.split - 1)
+        / 2
+        * per_split
+        / num_chunks
+        * sum(t.numel() * t.element_size() for t in (k, v))
+    )
     launch = KernelLaunch(
         _retention_fwd_kernel, (batch * heads, num_v, tiling.split),
         dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, o_ptr=out, length=length, heads=heads,
@@ -128,7 +148,7 @@ def backward_launch(dout, q, k, v, log_decay, tiling: Tiling | None = None, rota
     f32 = dict(dtype=torch.float32, device=q.device)
     if num_v == 1:  # the kernel writes the final gradients directly
         grad_dtype = torch.float32 if rotated else q.dtype
-        dq, dk_ = torch.empty(q.shape, dtype=grad_dtype, device=q.device), torch.empty_like(q, dtype=grad_dtype)
+        dq, dk_ = torch.empty_like(q, dtype=grad_dtype), torch.empty_like(k, dtype=grad_dtype)
     else:  # one fp32 share per value block, summed by the caller
         dq, dk_ = torch.empty(num_v, *q.shape, **f32), torch.empty(num_v, *k.shape, **f32)
     grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v),
@@ -136,8 +156,14 @@ def backward_launch(dout, q, k, v, log_decay, tiling: Tiling | None = None, rota
     io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"]))
     inputs = sum(t.numel() * t.element_size() for t in (dout, q, k, v))
     # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
-    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * sum(
-        t.numel() * t.element_size() for t in (dout, q, k, v))
+    reread = (
+        tiling.split
+        * (tiling.split - 1)
+        / 2
+        * per_split
+        / num_chunks
+        * sum(t.numel() * t.element_size() for t in (dout, q, k, v))
+    )
     launch = KernelLaunch(
         _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
         dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, do_ptr=dout, dq_ptr=dq, dk_ptr=dk_,
@@ -161,7 +187,8 @@ def backward_launch(dout, q, k, v, log_decay, tiling: Tiling | None = None, rota
 
 
 def _tiling(chunk_size: int, block_v: int, split: int, num_warps: int, precision: str) -> Tiling:
-    return Tiling(chunk_size or None, block_v or None, split or None, num_warps or None, None, precision or None)
+    ints = (chunk_size, block_v, split, num_warps)
+    return Tiling(*(n or None for n in ints), None, precision or None)
 
 
 def _angles(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -193,7 +220,8 @@ def retention_scan_triton_fwd(
         angles = _angles(q, theta)
         cos, sin = angles.cos(), angles.sin()
         q, k = (_rotate(x, cos, sin).to(x.dtype) for x in (q, k))
-    launch, out = forward_launch(q, k, v, log_decay, _tiling(chunk_size, block_v, split, num_warps, precision))
+    tiling = _tiling(chunk_size, block_v, split, num_warps, precision)
+    launch, out = forward_launch(q, k, v, log_decay, tiling)
     with device_guard(q):
         launch.run()
     return out
@@ -238,10 +266,9 @@ def retention_scan_triton_bwd(
     # (rounded to the inputs' dtype: half the dtheta error in bf16); dx = the inverse rotation of dx~
     if rotated:
         position = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)[:, None, None]
-        grad_theta = sum(
-            (position * (g[..., 1::2].float() * x[..., 0::2] - g[..., 0::2].float() * x[..., 1::2])).sum((0, 1))
-            for g, x in ((dq, q_in.float()), (dk_, k_in.float()))
-        ).to(theta.dtype)
+        pairs = ((dq.float(), q_in.float()), (dk_.float(), k_in.float()))
+        grad_theta = sum((position * (g[..., 1::2] * x[..., 0::2] - g[..., 0::2] * x[..., 1::2])).sum((0, 1))
+                         for g, x in pairs).to(theta.dtype)  # fmt: skip
         dq, dk_ = _rotate(dq, cos, -sin), _rotate(dk_, cos, -sin)
     dlog_decay = grads["dlog_decay"].sum((0, 1, 2)).to(log_decay.dtype)
     return dq.to(q.dtype), dk_.to(k.dtype), grads["dv"], dlog_decay, grad_theta
@@ -314,4 +341,5 @@ def retention_scan_triton(
     # op, so autograd hands their gradients back in the caller's dtype
     q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay.float()))
     theta = theta.float().contiguous() if theta is not None else None
-    return retention_scan_triton_fwd(q, k, v, log_decay, theta, chunk_size, block_v, split, num_warps, precision)
+    tiling = (chunk_size, block_v, split, num_warps, precision)
+    return retention_scan_triton_fwd(q, k, v, log_decay, theta, *tiling)

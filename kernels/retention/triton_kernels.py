@@ -71,7 +71,9 @@ def _rows(batch_index, head, length, heads, offs_t, offs_d, D: tl.constexpr):
     return ((batch_index * length + offs_t[:, None]) * heads + head) * D + offs_d[None, :]
 
 
-@triton.jit
+# ``chunks_per_split`` is not specialised: at 1 (small batches) Triton would unroll the token loop into a
+# branch, which the kernel report cannot see as a loop
+@triton.jit(do_not_specialize=["chunks_per_split"])
 def _retention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, log_decay_ptr, o_ptr,
     length, heads, num_chunks, chunks_per_split,
@@ -114,7 +116,7 @@ def _retention_fwd_kernel(
         state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunks_per_split"])
 def _retention_bwd_kernel(
     q_ptr, k_ptr, v_ptr, log_decay_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_decay_ptr,
     batch, length, heads, num_chunks, chunks_per_split,
