@@ -71,14 +71,13 @@ def selective_launches(channels: int, length: int, batch: int, dtype: torch.dtyp
 
 def retention_launches(heads: int, length: int, batch: int, dtype: torch.dtype):
     q = _meta(batch, length, heads, HEAD_DIM, dtype=dtype)
-    # q and k as the kernels read them: rotated (in fp32, by the op, outside the kernels) to the
-    # activations' dtype; the launchers' default tiling. fp32 is compiled for TF32 tensor cores (the
-    # record's PRECISION), what runs when torch.backends.cuda.matmul.allow_tf32 is set; without it the
-    # products are full IEEE fp32 on the FMA units
-    log_decay = _meta(heads)
+    # the launchers' default tiling; fp32 is compiled for TF32 tensor cores (the record's PRECISION), what
+    # runs when torch.backends.cuda.matmul.allow_tf32 is set; without it the products are full IEEE fp32
+    # on the FMA units
+    log_decay, theta = _meta(heads), _meta(heads, HEAD_DIM // 2)
     tiling = retention.Tiling(precision="tf32" if dtype == torch.float32 else None)
-    fwd, out = retention.forward_launch(q, q, q, log_decay, tiling)
-    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, tiling)
+    fwd, out = retention.forward_launch(q, q, q, log_decay, theta, tiling)
+    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, theta, tiling)
     return fwd, bwd
 
 

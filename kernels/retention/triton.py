@@ -3,10 +3,15 @@ and ``_bwd``) around ``triton_kernels.py``.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the Triton interpreter; slow, for tests). Nothing but the inputs is kept for backward.
-fp32 inputs multiply in full fp32 (``input_precision="ieee"``, matching the reference); bf16/fp16
-inputs multiply on tensor cores in their own dtype with fp32 accumulation and an fp32 state.
-``log_decay`` and ``theta`` are handed to the kernels in fp32; positions, angles and decay exponents are
-computed in fp32 inside them.
+bf16/fp16 inputs multiply on tensor cores in their own dtype with fp32 accumulation and an fp32 state.
+fp32 inputs multiply on TF32 tensor cores when the user allows TF32 for matmuls
+(``torch.backends.cuda.matmul.allow_tf32``, as torch's own fp32 matmuls decide), in full IEEE fp32 on
+the FMA units otherwise, or as ``precision`` says. ``log_decay`` and ``theta`` are handed to the kernels in
+fp32; the rotary's angles ``t theta`` and their cos/sin are computed once per call in fp32 (tables the
+token loops read), the decay exponents inside the kernels in fp32.
+
+The tunables (:class:`Tiling`: chunk, value block, split, warps, stages, precision) are launcher
+parameters with defaults chosen from the shapes; the interpreter uses the same fixed defaults.
 """
 
 from __future__ import annotations
@@ -62,15 +67,19 @@ class Tiling:
         precision = self.precision or (fp32_precision() if fp32 else "tf32")
         if interpreted:  # the interpreter cannot multiply 16-bit floats nor round to TF32 (see ``_mm``)
             precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
-        on_fma = fp32 and precision == "ieee"
-        # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64): the largest chunk that
-        # compiles without spills on all three with 8 warps. Tensor cores: 64 tokens forward, 32 backward
-        # (it holds twice the tiles); TF32 operands are twice as wide: 32 and 16; full-fp32 products run
-        # on the FMA units with their operands in registers: 16.
-        chunks = {(False, False): 64, (False, True): 32, (True, False): 32, (True, True): 16}
-        default_chunk = 16 if on_fma else chunks[fp32, backward]
+        # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64; the tiles the rotary adds in
+        # the loops included): per operand kind and direction the (chunk, value block, warps) that compile
+        # without spills on all three archs at the best estimate. The backward holds about twice the
+        # forward's tiles; fp32 operands (TF32) are twice as wide as bf16; full-fp32 products run on the
+        # FMA units with their operands in registers.
+        kind = "ieee" if fp32 and precision == "ieee" else "tf32" if fp32 else "tensor"
+        default_chunk, default_block_v, default_warps = {
+            ("tensor", False): (32, 64, 8), ("tensor", True): (16, 32, 4),
+            ("tf32", False): (32, 64, 8), ("tf32", True): (16, 16, 4),
+            ("ieee", False): (16, 64, 8), ("ieee", True): (16, 64, 8),
+        }[kind, backward]  # fmt: skip
         chunk = max(16, min(_next_power_of_2(self.chunk or default_chunk), _next_power_of_2(length)))
-        block_v = max(16, min(_next_power_of_2(self.block_v or 64), _next_power_of_2(dv)))
+        block_v = max(16, min(_next_power_of_2(self.block_v or default_block_v), _next_power_of_2(dv)))
         sms, tasks = _sm_count(q), batch * heads
 
         def programs(chunk: int, block_v: int) -> int:
@@ -89,117 +98,124 @@ class Tiling:
         split = max(1, min(split, num_chunks))
         per_split = -(-num_chunks // split)
         split = -(-num_chunks // per_split)  # no empty split
-        num_warps = self.num_warps or 8
+        num_warps = self.num_warps or default_warps
         return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision)
 
 
-def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int) -> dict:
+def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int, has_theta: bool) -> dict:
     dk = q.shape[-1]
     block_k = max(16, _next_power_of_2(dk))
     return dict(DK=dk, DV=dv, BLOCK_T=tiling.chunk, BLOCK_K=block_k, BLOCK_V=tiling.block_v,
-                DOT_DTYPE=_DOT_DTYPES[q.dtype], PRECISION=tiling.precision)  # fmt: skip
+                HAS_THETA=has_theta, DOT_DTYPE=_DOT_DTYPES[q.dtype], PRECISION=tiling.precision)  # fmt: skip
 
 
-def forward_launch(q, k, v, log_decay, tiling: Tiling | None = None) -> tuple[KernelLaunch, torch.Tensor]:
-    """The forward kernel's launch for these contiguous inputs (``q``, ``k`` rotated) and the output it
-    writes; also what ``benchmarks/kernel_report.py`` compiles."""
+def angle_tables(q: torch.Tensor, theta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of ``t theta``, ``(length, heads, dk / 2)`` fp32: the rotary's angles as the
+    reference computes them (fp32 positions times fp32 theta), once per call instead of in the token loops
+    (a stand-in pair of empty tensors without ``theta``)."""
+    if theta is None:
+        empty = torch.empty(1, dtype=torch.float32, device=q.device)
+        return empty, empty
+    angles = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)[:, None, None] * theta.float()
+    return angles.cos(), angles.sin()
+
+
+def _table_bytes(
+    tables: tuple[torch.Tensor, torch.Tensor], programs: int, has_theta: bool
+) -> tuple[int, int]:
+    """Bytes of the angle tables: read once at least; every (batch, head, value block) program reads its
+    head's rows (the L2 would hold them; priced at HBM like all traffic of the report's model)."""
+    if not has_theta:
+        return 0, 0
+    once = sum(t.numel() * t.element_size() for t in tables)
+    heads = tables[0].shape[1]
+    return once, programs * once // heads
+
+
+def forward_launch(
+    q, k, v, log_decay, theta=None, tiling: Tiling | None = None
+) -> tuple[KernelLaunch, torch.Tensor]:
+    """The forward kernel's launch for these contiguous inputs and the output it writes; also what
+    ``benchmarks/kernel_report.py`` compiles."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     tiling = (tiling or Tiling()).resolve(q, dv, backward=False)
     num_chunks = -(-length // tiling.chunk)
     per_split = -(-num_chunks // tiling.split)
     num_v = -(-dv // tiling.block_v)
+    has_theta = theta is not None
+    cos, sin = angle_tables(q, theta)
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    io = sum(t.numel() * t.element_size() for t in (q, k, v, out))
+    table_once, table_reads = _table_bytes((cos, sin), batch * num_v * tiling.split * heads, has_theta)
+    io = sum(t.numel() * t.element_size() for t in (q, k, v, out)) + table_once
     qk_bytes = (q.numel() + k.numel()) * q.element_size()
     # q and k are read once per value block; a split re-reads the keys and values of the chunks before it
-    reread = (
-        tiling.split
-        * (tiling.split - 1)
-        / 2
-        * per_split
-        / num_chunks
-        * sum(t.numel() * t.element_size() for t in (k, v))
-    )
+    kv_bytes = sum(t.numel() * t.element_size() for t in (k, v))
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * kv_bytes
     launch = KernelLaunch(
         _retention_fwd_kernel, (batch * heads, num_v, tiling.split),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, o_ptr=out, length=length, heads=heads,
-             num_chunks=num_chunks, chunks_per_split=per_split),
-        _constexprs(tiling, q, dv), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, o_ptr=out,
+             length=length, heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
+        _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         # token loop iterations of the last split: its own chunks and the earlier ones it re-reads (the
         # re-reading loop stores nothing, so the report prices those chunks at the token loop's cost)
         work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(io + (num_v - 1) * qk_bytes + reread)),
+                        bytes_moved=int(io - table_once + table_reads + (num_v - 1) * qk_bytes + reread)),
         notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, out
 
 
-def backward_launch(dout, q, k, v, log_decay, tiling: Tiling | None = None, rotated: bool = True):
-    """The backward kernel's launch and the tensors it writes (gradients or per-value-block shares).
-    ``rotated``: ``q`` and ``k`` were rotated, so their gradients are written in fp32 for the rotation's
-    backward (``dtheta`` sums ``t``-weighted products over tokens: bf16 gradients would cost it ~5%)."""
+def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None = None):
+    """The backward kernel's launch and the tensors it writes (gradients or per-program partial sums)."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     tiling = (tiling or Tiling()).resolve(q, dv, backward=True)
     num_chunks = -(-length // tiling.chunk)
     per_split = -(-num_chunks // tiling.split)
     num_v = -(-dv // tiling.block_v)
+    has_theta = theta is not None
+    cos, sin = angle_tables(q, theta)
     f32 = dict(dtype=torch.float32, device=q.device)
     if num_v == 1:  # the kernel writes the final gradients directly
-        grad_dtype = torch.float32 if rotated else q.dtype
-        dq, dk_ = torch.empty_like(q, dtype=grad_dtype), torch.empty_like(k, dtype=grad_dtype)
+        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     else:  # one fp32 share per value block, summed by the caller
         dq, dk_ = torch.empty(num_v, *q.shape, **f32), torch.empty(num_v, *k.shape, **f32)
-    grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v),
-                 dlog_decay=torch.empty(tiling.split, num_v, batch, heads, **f32))  # fmt: skip
-    io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"]))
+    partials = (tiling.split, num_v, batch, heads)
+    grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v), dlog_decay=torch.empty(partials, **f32),
+                 dtheta=torch.empty(*partials, dk // 2, **f32) if has_theta else None)  # fmt: skip
+    programs = batch * num_v * tiling.split * heads
+    table_once, table_reads = _table_bytes((cos, sin), programs, has_theta)
+    io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"])) + table_once
     inputs = sum(t.numel() * t.element_size() for t in (dout, q, k, v))
     # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
-    reread = (
-        tiling.split
-        * (tiling.split - 1)
-        / 2
-        * per_split
-        / num_chunks
-        * sum(t.numel() * t.element_size() for t in (dout, q, k, v))
-    )
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * inputs
     launch = KernelLaunch(
         _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, do_ptr=dout, dq_ptr=dq, dk_ptr=dk_,
-             dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"], batch=batch, length=length,
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
+             dq_ptr=dq, dk_ptr=dk_, dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
+             dtheta_ptr=grads["dtheta"] if has_theta else grads["dlog_decay"], batch=batch, length=length,
              heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
-        _constexprs(tiling, q, dv), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs are read twice
+        _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs and the angle
+        # tables are read twice
         work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(io + inputs + (num_v - 1) * (q.numel() + k.numel()) * 4 + reread)),
+                        bytes_moved=int(io - table_once + inputs + 2 * table_reads
+                                        + (num_v - 1) * (q.numel() + k.numel()) * 4 + reread)),
         notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, grads
 
 
 # --- torch.library custom ops (``custom_op`` rather than ``triton_op``: see ``selective/triton.py``) ------
-# The forward keeps nothing but its inputs; the backward is a second op. The rotary runs in the ops, in
-# fp32 PyTorch, outside the kernels: the forward rotates q and k once (rounded to their dtype, as the
-# tensor cores read them); the backward rotates again, takes the kernel's fp32 gradients of the rotated
-# q and k back through the rotation and reduces ``dtheta`` in fp32. ``log_decay`` arrives in fp32. The
-# tiling travels as plain ints and a string (0 / "": the default).
+# The forward keeps nothing but its inputs; the backward is a second op. ``log_decay`` and ``theta``
+# arrive in fp32; ``dtheta`` is an empty tensor without ``theta``. The tiling travels as plain ints and a
+# string (0 / "": the default).
 
 
 def _tiling(chunk_size: int, block_v: int, split: int, num_warps: int, precision: str) -> Tiling:
     ints = (chunk_size, block_v, split, num_warps)
     return Tiling(*(n or None for n in ints), None, precision or None)
-
-
-def _angles(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``t theta`` in fp32, ``(length, heads, dk / 2)``."""
-    return torch.arange(x.shape[1], device=x.device, dtype=torch.float32)[:, None, None] * theta.float()
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pairs ``(x[2j], x[2j+1])`` rotated by the angles of ``cos``/``sin``, in fp32."""
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 @torch.library.custom_op("defocus::retention_scan_triton_fwd", mutates_args=())
@@ -216,12 +232,8 @@ def retention_scan_triton_fwd(
     precision: str,
 ) -> torch.Tensor:
     """``(batch, length, heads, dv)`` in ``v``'s dtype from contiguous inputs."""
-    if theta is not None:
-        angles = _angles(q, theta)
-        cos, sin = angles.cos(), angles.sin()
-        q, k = (_rotate(x, cos, sin).to(x.dtype) for x in (q, k))
     tiling = _tiling(chunk_size, block_v, split, num_warps, precision)
-    launch, out = forward_launch(q, k, v, log_decay, tiling)
+    launch, out = forward_launch(q, k, v, log_decay, theta, tiling)
     with device_guard(q):
         launch.run()
     return out
@@ -247,31 +259,15 @@ def retention_scan_triton_bwd(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_decay, dtheta)``, each in its input's dtype (``dtheta`` empty without theta)."""
-    rotated = theta is not None
-    if rotated:
-        angles = _angles(q, theta)
-        cos, sin = angles.cos(), angles.sin()
-        q_in, k_in = (_rotate(x, cos, sin).to(x.dtype) for x in (q, k))
-    else:
-        q_in, k_in = q, k
     tiling = _tiling(chunk_size, block_v, split, num_warps, precision)
-    launch, grads = backward_launch(dout.contiguous(), q_in, k_in, v, log_decay, tiling, rotated)
+    launch, grads = backward_launch(dout.contiguous(), q, k, v, log_decay, theta, tiling)
     with device_guard(q):
         launch.run()
     dq, dk_ = grads["dq"], grads["dk"]
     if dq.dim() == 5:  # one fp32 share per value block
-        dq, dk_ = dq.sum(0), dk_.sum(0)
-    grad_theta = q.new_empty(0)
-    # d(x~_e)/da = -x~_o, d(x~_o)/da = x~_e with a = t theta, on the rotated values the kernels multiplied
-    # (rounded to the inputs' dtype: half the dtheta error in bf16); dx = the inverse rotation of dx~
-    if rotated:
-        position = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)[:, None, None]
-        pairs = ((dq.float(), q_in.float()), (dk_.float(), k_in.float()))
-        grad_theta = sum((position * (g[..., 1::2] * x[..., 0::2] - g[..., 0::2] * x[..., 1::2])).sum((0, 1))
-                         for g, x in pairs).to(theta.dtype)  # fmt: skip
-        dq, dk_ = _rotate(dq, cos, -sin), _rotate(dk_, cos, -sin)
-    dlog_decay = grads["dlog_decay"].sum((0, 1, 2)).to(log_decay.dtype)
-    return dq.to(q.dtype), dk_.to(k.dtype), grads["dv"], dlog_decay, grad_theta
+        dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
+    grad_theta = grads["dtheta"].sum((0, 1, 2)).to(theta.dtype) if theta is not None else q.new_empty(0)
+    return dq, dk_, grads["dv"], grads["dlog_decay"].sum((0, 1, 2)).to(log_decay.dtype), grad_theta
 
 
 @retention_scan_triton_bwd.register_fake
