@@ -67,15 +67,15 @@ class Tiling:
         precision = self.precision or (fp32_precision() if fp32 else "tf32")
         if interpreted:  # the interpreter cannot multiply 16-bit floats nor round to TF32 (see ``_mm``)
             precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
-        # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64; the tiles the rotary adds in
-        # the loops included): per operand kind and direction the (chunk, value block, warps) that compile
-        # without spills on all three archs at the best estimate. The backward holds about twice the
-        # forward's tiles; fp32 operands (TF32) are twice as wide as bf16; full-fp32 products run on the
-        # FMA units with their operands in registers.
+        # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64, the rotary's tiles in the loops
+        # included): per operand kind and direction the (chunk, value block, warps) with the best estimates.
+        # Forward: spill-free on all three. Backward: one value block (value-block shares of dq/dk cost
+        # more HBM traffic than anything else); it spills on sm_80 (the rotations' register tiles), the
+        # only spill-free sm_80 backward tilings split the value dims at ~5.6x the floor instead of ~2.4x.
         kind = "ieee" if fp32 and precision == "ieee" else "tf32" if fp32 else "tensor"
         default_chunk, default_block_v, default_warps = {
-            ("tensor", False): (32, 64, 8), ("tensor", True): (16, 32, 4),
-            ("tf32", False): (32, 64, 8), ("tf32", True): (16, 16, 4),
+            ("tensor", False): (32, 64, 8), ("tensor", True): (16, 64, 4),
+            ("tf32", False): (32, 64, 8), ("tf32", True): (16, 64, 4),
             ("ieee", False): (16, 64, 8), ("ieee", True): (16, 64, 8),
         }[kind, backward]  # fmt: skip
         chunk = max(16, min(_next_power_of_2(self.chunk or default_chunk), _next_power_of_2(length)))
@@ -85,7 +85,10 @@ class Tiling:
         def programs(chunk: int, block_v: int) -> int:
             return tasks * -(-dv // block_v) * -(-length // chunk)
 
-        # small batches: shorter chunks, then narrower value blocks, until one program per SM is possible
+        # small batches: value blocks of 32 (fp32: 16; the widths that compile without spills on sm_80),
+        # shorter chunks, narrower value blocks, until one program per SM is possible (then chunk splits)
+        if self.block_v is None and tasks * -(-dv // block_v) < sms:
+            block_v = min(block_v, 16 if fp32 else 32)
         while self.chunk is None and chunk > 16 and programs(chunk, block_v) < sms:
             chunk //= 2
         while self.block_v is None and block_v > 16 and programs(chunk, block_v) < sms:
@@ -186,10 +189,15 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
                  dtheta=torch.empty(*partials, dk // 2, **f32) if has_theta else None)  # fmt: skip
     programs = batch * num_v * tiling.split * heads
     table_once, table_reads = _table_bytes((cos, sin), programs, has_theta)
-    io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"])) + table_once
-    inputs = sum(t.numel() * t.element_size() for t in (dout, q, k, v))
+    size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    # at least: the inputs read once, the gradients written once in their dtype (not the shares)
+    io = size(dout, q, k, v, q, k, v) + table_once
+    # each value block's programs read all of q and k and their block of v and dout, in both walks; they
+    # write dv and their dq/dk (fp32 shares when there are several, then read and summed by the op)
+    summed = size(dq, dk_) + size(q, k) if num_v > 1 else 0
+    moved = 2 * (num_v * size(q, k) + size(v, dout)) + size(dq, dk_, v) + summed
     # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
-    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * inputs
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * size(dout, q, k, v)
     launch = KernelLaunch(
         _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
         dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
@@ -200,8 +208,7 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
         # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs and the angle
         # tables are read twice
         work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(io - table_once + inputs + 2 * table_reads
-                                        + (num_v - 1) * (q.numel() + k.numel()) * 4 + reread)),
+                        bytes_moved=int(moved + 2 * table_reads + reread)),
         notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, grads
