@@ -68,14 +68,14 @@ class Tiling:
         if interpreted:  # the interpreter cannot multiply 16-bit floats nor round to TF32 (see ``_mm``)
             precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
         # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64, the rotary's tiles in the loops
-        # included): per operand kind and direction the (chunk, value block, warps) with the best estimates.
-        # Forward: spill-free on all three. Backward: one value block (value-block shares of dq/dk cost
-        # more HBM traffic than anything else); it spills on sm_80 (the rotations' register tiles), the
-        # only spill-free sm_80 backward tilings split the value dims at ~5.6x the floor instead of ~2.4x.
+        # included): per operand kind and direction the (chunk, value block, warps) with the best estimate
+        # among those that compile without spills on all three archs. The backward splits the value dims
+        # (fp32 dq/dk shares, summed by the op: ~5.6x the floor instead of ~2.2x with one block) because
+        # every one-block backward tiling spills on sm_80 (the rotations' register tiles).
         kind = "ieee" if fp32 and precision == "ieee" else "tf32" if fp32 else "tensor"
         default_chunk, default_block_v, default_warps = {
-            ("tensor", False): (32, 64, 8), ("tensor", True): (16, 64, 4),
-            ("tf32", False): (32, 64, 8), ("tf32", True): (16, 64, 4),
+            ("tensor", False): (32, 64, 8), ("tensor", True): (16, 32, 4),
+            ("tf32", False): (32, 64, 8), ("tf32", True): (16, 16, 4),
             ("ieee", False): (16, 64, 8), ("ieee", True): (16, 64, 8),
         }[kind, backward]  # fmt: skip
         chunk = max(16, min(_next_power_of_2(self.chunk or default_chunk), _next_power_of_2(length)))
