@@ -71,13 +71,11 @@ def selective_launches(channels: int, length: int, batch: int, dtype: torch.dtyp
 
 def retention_launches(heads: int, length: int, batch: int, dtype: torch.dtype):
     q = _meta(batch, length, heads, HEAD_DIM, dtype=dtype)
-    # the launchers' default tiling; fp32 is compiled for TF32 tensor cores (the record's PRECISION), what
-    # runs when torch.backends.cuda.matmul.allow_tf32 is set; without it the products are full IEEE fp32
-    # on the FMA units
+    # the launchers' defaults: fp32 multiplies as torch.backends.cuda.matmul.allow_tf32 says (full IEEE
+    # fp32 under torch's default; TF32 tensor cores when allowed), the record's PRECISION
     log_decay, theta = _meta(heads), _meta(heads, HEAD_DIM // 2)
-    tiling = retention.Tiling(precision="tf32" if dtype == torch.float32 else None)
-    fwd, out = retention.forward_launch(q, q, q, log_decay, theta, tiling)
-    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, theta, tiling)
+    fwd, out = retention.forward_launch(q, q, q, log_decay, theta)
+    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, theta)
     return fwd, bwd
 
 
