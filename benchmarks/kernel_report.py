@@ -74,9 +74,11 @@ def selective_launches(channels: int, length: int, batch: int, dtype: torch.dtyp
 
 def retention_launches(heads: int, length: int, batch: int, dtype: torch.dtype):
     q = _meta(batch, length, heads, HEAD_DIM, dtype=dtype)
+    # the launchers' defaults: fp32 multiplies as torch.backends.cuda.matmul.allow_tf32 says (full IEEE
+    # fp32 under torch's default; TF32 tensor cores when allowed), the record's PRECISION
     log_decay, theta = _meta(heads), _meta(heads, HEAD_DIM // 2)
-    fwd, out = retention.forward_launch(q, q, q, log_decay, theta, 64, 64)
-    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, theta, 64, 64)
+    fwd, out = retention.forward_launch(q, q, q, log_decay, theta)
+    bwd, _ = retention.backward_launch(out, q, q, q, log_decay, theta)
     return fwd, bwd
 
 

@@ -122,8 +122,13 @@ def token_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int
     """The address ranges of the token loops: the innermost loops (backward branches) that store to
     global memory (every token loop writes its tokens' outputs or gradients). A loop nested inside one
     that stores nothing (libdevice's slow argument reduction of sin/cos) is part of it, not the loop."""
+    branches = _backward_branches(instructions)
+    # A backward branch that jumps from beyond a loop's end into that loop is the return of an
+    # out-of-line block (sm_100's mbarrier wait-retry stubs: ``TRYWAIT; @!P BRA self; BRA back``), not a
+    # loop of its own: its range crosses the loop's instead of nesting in it.
+    branches = [b for b in branches if not any(o[0] < b[0] <= o[1] < b[1] for o in branches)]
     storing = [
-        loop for loop in _backward_branches(instructions)
+        loop for loop in branches
         if any(loop[0] <= a <= loop[1] and op.startswith("STG") for a, op, _ in instructions)
     ]  # fmt: skip
     return sorted(

@@ -81,6 +81,28 @@ def test_token_loops_are_the_innermost_loops_that_store():
     assert profile["global_stores"] == 1
 
 
+# sm_100's mbarrier waits: a wait inside the loop (0x20) that fails jumps to an out-of-line stub after the
+# kernel's end (0x80-0xa0), which spins and jumps back into the loop (0xa0 -> 0x30)
+STUB_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/              @!P0 BRA 0x80 ;
+        /*0030*/                   FFMA R5, R2, R5, R6 ;
+        /*0040*/                   STG.E desc[UR4][R8.64], R5 ;
+        /*0050*/               @P1 BRA 0x10 ;
+        /*0060*/                   STG.E desc[UR4][R8.64], R5 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR5], R3 ;
+        /*0090*/              @!P0 BRA 0x80 ;
+        /*00a0*/                   BRA 0x30 ;
+"""
+
+
+def test_a_jump_back_from_an_out_of_line_stub_is_not_a_token_loop():
+    """0x30-0xa0 crosses the loop 0x10-0x50 instead of nesting in it: the stub's return, not a loop."""
+    assert aot.token_loops(aot.parse_sass(STUB_SASS)) == [(0x10, 0x50)]
+
+
 def _binary(**overrides) -> aot.Binary:
     values = dict(
         arch="sm_90", registers=64, spill_bytes=0, local_bytes=0, shared_bytes=0, num_warps=1,

@@ -472,8 +472,31 @@ RETENTION_CASES = [
 def test_retention_scan_fp32(length, dk, dv, theta):
     inputs = _retention_inputs(2, length, 2, dk, dv, theta=theta)
     _compare(
-        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16),
+        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16, split=1),
         retention_scan_naive, inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+@pytest.mark.parametrize("length,split", [(37, 2), (50, 4), (37, 0)])
+def test_retention_scan_split(length, split):
+    """Chunk ranges in separate programs (small batches): each rebuilds the state entering its range
+    (forward and dq) and the state of the chunks after it (dk, dv). ``split=0``: the default, which at
+    this batch splits down to one chunk per program to fill the GPU."""
+    inputs = _retention_inputs(1, length, 2, 8, 40)
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16, split=split),
+        retention_scan_naive, inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
+def test_retention_scan_tf32():
+    """fp32 inputs on TF32 tensor cores (the interpreter rounds the operands to TF32)."""
+    inputs = _retention_inputs(1, 37, 2, 16, 16)
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=16, block_v=16, split=1, precision="tf32"),
+        retention_scan_naive, inputs, torch.float32, 1e-2,
     )  # fmt: skip
 
 
@@ -553,11 +576,14 @@ def test_opcheck_triton_ops():
 
     r = _retention_inputs(1, 5, 2, 4, 4)
     retention = [r[n].requires_grad_() for n in ("q", "k", "v", "log_decay", "theta")]
-    torch.library.opcheck(retention_triton.retention_scan_triton_fwd, (*retention, 16, 16))
+    tiling = (16, 16, 0, 0, "")  # chunk_size, block_v, split, num_warps, precision (0, "": defaults)
+    torch.library.opcheck(retention_triton.retention_scan_triton_fwd, (*retention, *tiling))
     detached = [x.detach() for x in retention]
     dout = torch.randn_like(detached[2])
-    torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached, 16, 16))
-    torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached[:4], None, 16, 16))
+    torch.library.opcheck(retention_triton.retention_scan_triton_bwd, (dout, *detached, *tiling))
+    torch.library.opcheck(
+        retention_triton.retention_scan_triton_bwd, (dout, *detached[:4], None, 16, 16, 1, 4, "")
+    )
 
 
 @kernels_run_here

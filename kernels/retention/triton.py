@@ -3,13 +3,20 @@ and ``_bwd``) around ``triton_kernels.py``.
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the Triton interpreter; slow, for tests). Nothing but the inputs is kept for backward.
-fp32 inputs multiply in full fp32 (``input_precision="ieee"``, matching the reference); bf16/fp16
-inputs multiply on tensor cores in their own dtype with fp32 accumulation and an fp32 state.
-``log_decay`` and ``theta`` are handed to the kernels in fp32; positions, angles and decay exponents are
-computed in fp32 inside them.
+bf16/fp16 inputs multiply on tensor cores in their own dtype with fp32 accumulation and an fp32 state.
+fp32 inputs multiply on TF32 tensor cores when the user allows TF32 for matmuls
+(``torch.backends.cuda.matmul.allow_tf32``, as torch's own fp32 matmuls decide), in full IEEE fp32 on
+the FMA units otherwise, or as ``precision`` says. ``log_decay`` and ``theta`` are handed to the kernels in
+fp32; the rotary's angles ``t theta`` and their cos/sin are computed once per call in fp32 (tables the
+token loops read), the decay exponents inside the kernels in fp32.
+
+The tunables (:class:`Tiling`: chunk, value block, split, warps, stages, precision) are launcher
+parameters with defaults chosen from the shapes; the interpreter uses the same fixed defaults.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton.language as tl
@@ -19,104 +26,203 @@ from ..selective.triton import check_triton_device, device_guard
 from .triton_kernels import _retention_bwd_kernel, _retention_fwd_kernel
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# the largest SM count of the GPUs we target (B200): small batches are split until the grid has this many
+# programs when the device is unknown (the kernel report's meta tensors, the interpreter)
+_DEFAULT_SMS = 148
 
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-class _Tiling:
-    def __init__(self, length: int, dk: int, dv: int, chunk_size: int, block_v: int, q: torch.Tensor):
-        # tl.dot needs every block dimension >= 16
-        self.block_t = max(16, min(chunk_size, _next_power_of_2(length)))
-        self.block_p = max(16, _next_power_of_2(dk // 2))
-        self.block_v = max(16, min(block_v, _next_power_of_2(dv)))
-        if q.dtype == torch.float32:
-            # full-fp32 products run on the FMA units with their operands in registers: a smaller value
-            # block keeps the backward's tiles within the A100's shared memory
-            self.block_v = min(self.block_v, 32)
-        self.num_v = -(-dv // self.block_v)
-        self.num_chunks = -(-length // self.block_t)
-        self.dot_dtype = _DOT_DTYPES[q.dtype]
-        if q.dtype == torch.float32:
-            self.precision = "ieee"
-        else:  # tensor cores; the interpreter (CPU) cannot multiply 16-bit floats (see _mm)
-            # (meta tensors: the kernel report, compiling for a GPU)
-            self.precision = "emulate" if q.device.type == "cpu" else "tf32"
-        self.num_warps = 4 if self.block_p * self.block_v <= 64 * 64 else 8
+def _sm_count(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _DEFAULT_SMS
 
-    def meta(self, has_theta: bool) -> dict:
-        return dict(
-            HAS_THETA=has_theta, BLOCK_T=self.block_t, BLOCK_P=self.block_p, BLOCK_V=self.block_v,
-            DOT_DTYPE=self.dot_dtype, PRECISION=self.precision, num_warps=self.num_warps,
-        )  # fmt: skip
+
+def fp32_precision() -> str:
+    """How fp32 inputs multiply: TF32 tensor cores when the user allows them for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, as torch's own matmuls do), full IEEE fp32 otherwise."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@dataclass
+class Tiling:
+    """The tunables of one launch (an autotuner may pass any of them; ``None`` picks the default from the
+    shapes). ``chunk``: tokens per chunk; ``block_v``: value dims per program; ``split``: chunk ranges
+    handled by separate programs (small batches); ``precision``: ``"ieee"``/``"tf32"`` for fp32 inputs."""
+
+    chunk: int | None = None
+    block_v: int | None = None
+    split: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    precision: str | None = None
+
+    def resolve(self, q: torch.Tensor, dv: int, backward: bool) -> Tiling:
+        batch, length, heads, dk = q.shape
+        interpreted = q.device.type == "cpu"
+        fp32 = q.dtype == torch.float32
+        precision = self.precision or (fp32_precision() if fp32 else "tf32")
+        if interpreted:  # the interpreter cannot multiply 16-bit floats nor round to TF32 (see ``_mm``)
+            precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
+        # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64, the rotary's tiles in the loops
+        # included): per operand kind and direction the (chunk, value block, warps) with the best estimate
+        # among those that compile without spills on all three archs. The backward splits the value dims
+        # (fp32 dq/dk shares, summed by the op: ~5.6x the floor instead of ~2.2x with one block) because
+        # every one-block backward tiling spills on sm_80 (the rotations' register tiles).
+        kind = "ieee" if fp32 and precision == "ieee" else "tf32" if fp32 else "tensor"
+        default_chunk, default_block_v, default_warps = {
+            ("tensor", False): (32, 64, 8), ("tensor", True): (16, 32, 4),
+            ("tf32", False): (32, 64, 8), ("tf32", True): (16, 16, 4),
+            ("ieee", False): (16, 64, 8), ("ieee", True): (16, 64, 8),
+        }[kind, backward]  # fmt: skip
+        chunk = max(16, min(_next_power_of_2(self.chunk or default_chunk), _next_power_of_2(length)))
+        block_v = max(16, min(_next_power_of_2(self.block_v or default_block_v), _next_power_of_2(dv)))
+        sms, tasks = _sm_count(q), batch * heads
+
+        def programs(chunk: int, block_v: int) -> int:
+            return tasks * -(-dv // block_v) * -(-length // chunk)
+
+        # small batches: value blocks of 32 (fp32: 16; the widths that compile without spills on sm_80),
+        # shorter chunks, narrower value blocks, until one program per SM is possible (then chunk splits)
+        if self.block_v is None and tasks * -(-dv // block_v) < sms:
+            block_v = min(block_v, 16 if fp32 else 32)
+        while self.chunk is None and chunk > 16 and programs(chunk, block_v) < sms:
+            chunk //= 2
+        while self.block_v is None and block_v > 16 and programs(chunk, block_v) < sms:
+            block_v //= 2
+        num_v = -(-dv // block_v)
+        num_chunks = -(-length // chunk)
+        split = self.split
+        if split is None:  # fill the GPU: one program per SM at least, splitting the chunks
+            split = min(num_chunks, -(-sms // (tasks * num_v)))
+        split = max(1, min(split, num_chunks))
+        per_split = -(-num_chunks // split)
+        split = -(-num_chunks // per_split)  # no empty split
+        num_warps = self.num_warps or default_warps
+        return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision)
+
+
+def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int, has_theta: bool) -> dict:
+    dk = q.shape[-1]
+    block_k = max(16, _next_power_of_2(dk))
+    return dict(DK=dk, DV=dv, BLOCK_T=tiling.chunk, BLOCK_K=block_k, BLOCK_V=tiling.block_v,
+                HAS_THETA=has_theta, DOT_DTYPE=_DOT_DTYPES[q.dtype], PRECISION=tiling.precision)  # fmt: skip
+
+
+def angle_tables(q: torch.Tensor, theta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of ``t theta``, ``(length, heads, dk / 2)`` fp32: the rotary's angles as the
+    reference computes them (fp32 positions times fp32 theta), once per call instead of in the token loops
+    (a stand-in pair of empty tensors without ``theta``)."""
+    if theta is None:
+        empty = torch.empty(1, dtype=torch.float32, device=q.device)
+        return empty, empty
+    angles = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)[:, None, None] * theta.float()
+    return angles.cos(), angles.sin()
+
+
+def _table_bytes(
+    tables: tuple[torch.Tensor, torch.Tensor], programs: int, has_theta: bool
+) -> tuple[int, int]:
+    """Bytes of the angle tables: read once at least; every (batch, head, value block) program reads its
+    head's rows (the L2 would hold them; priced at HBM like all traffic of the report's model)."""
+    if not has_theta:
+        return 0, 0
+    once = sum(t.numel() * t.element_size() for t in tables)
+    heads = tables[0].shape[1]
+    return once, programs * once // heads
 
 
 def forward_launch(
-    q, k, v, log_decay, theta, chunk_size: int, block_v: int
+    q, k, v, log_decay, theta=None, tiling: Tiling | None = None
 ) -> tuple[KernelLaunch, torch.Tensor]:
     """The forward kernel's launch for these contiguous inputs and the output it writes; also what
     ``benchmarks/kernel_report.py`` compiles."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    tiling = _Tiling(length, dk, dv, chunk_size, block_v, q)
+    tiling = (tiling or Tiling()).resolve(q, dv, backward=False)
+    num_chunks = -(-length // tiling.chunk)
+    per_split = -(-num_chunks // tiling.split)
+    num_v = -(-dv // tiling.block_v)
+    has_theta = theta is not None
+    cos, sin = angle_tables(q, theta)
     out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    meta = tiling.meta(theta is not None)
-    num_warps = meta.pop("num_warps")
-    io = sum(t.numel() * t.element_size() for t in (q, k, v, out))
+    table_once, table_reads = _table_bytes((cos, sin), batch * num_v * tiling.split * heads, has_theta)
+    io = sum(t.numel() * t.element_size() for t in (q, k, v, out)) + table_once
+    qk_bytes = (q.numel() + k.numel()) * q.element_size()
+    # q and k are read once per value block; a split re-reads the keys and values of the chunks before it
+    kv_bytes = sum(t.numel() * t.element_size() for t in (k, v))
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * kv_bytes
     launch = KernelLaunch(
-        _retention_fwd_kernel, (batch * heads, tiling.num_v),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay,
-             theta_ptr=theta if theta is not None else log_decay, o_ptr=out,
-             length=length, heads=heads, dk=dk, dv=dv, num_chunks=tiling.num_chunks),
-        meta, num_warps=num_warps,
-        # q and k are read once per value block
-        work=LaunchWork(token_steps=tiling.num_chunks, exp=0, bytes_min=io,
-                        bytes_moved=io + (tiling.num_v - 1) * (q.numel() + k.numel()) * q.element_size()),
-        notes={"tokens_per_iteration": tiling.block_t},
+        _retention_fwd_kernel, (batch * heads, num_v, tiling.split),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, o_ptr=out,
+             length=length, heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
+        _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        # token loop iterations of the last split: its own chunks and the earlier ones it re-reads (the
+        # re-reading loop stores nothing, so the report prices those chunks at the token loop's cost)
+        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
+                        bytes_moved=int(io - table_once + table_reads + (num_v - 1) * qk_bytes + reread)),
+        notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, out
 
 
-def backward_launch(dout, q, k, v, log_decay, theta, chunk_size: int, block_v: int):
-    """The backward kernel's launch and the tensors it writes (gradients or per-value-block shares)."""
+def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None = None):
+    """The backward kernel's launch and the tensors it writes (gradients or per-program partial sums)."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    # Chunks of at most 32 tokens and 8 warps: the backward holds two states and twice the forward's
-    # tiles; at 64 tokens and 4 warps it spilled 1.5 KB a thread (bf16, sm_90; fp32 3 KB) in the report.
-    # The chunk size is a tiling choice only: the result is the same.
-    tiling = _Tiling(length, dk, dv, min(chunk_size, 32), block_v, q)
-    tiling.num_warps = 8
+    tiling = (tiling or Tiling()).resolve(q, dv, backward=True)
+    num_chunks = -(-length // tiling.chunk)
+    per_split = -(-num_chunks // tiling.split)
+    num_v = -(-dv // tiling.block_v)
+    has_theta = theta is not None
+    cos, sin = angle_tables(q, theta)
     f32 = dict(dtype=torch.float32, device=q.device)
-    if tiling.num_v == 1:  # the kernel writes the final gradients directly
+    if num_v == 1:  # the kernel writes the final gradients directly
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     else:  # one fp32 share per value block, summed by the caller
-        dq = torch.empty(tiling.num_v, *q.shape, **f32)
-        dk_ = torch.empty(tiling.num_v, *k.shape, **f32)
-    dtheta = torch.empty(tiling.num_v, batch, heads, dk // 2, **f32) if theta is not None else None
-    grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v),
-                 dlog_decay=torch.empty(tiling.num_v, batch, heads, **f32), dtheta=dtheta)  # fmt: skip
-    meta = tiling.meta(theta is not None)
-    num_warps = meta.pop("num_warps")
-    io = sum(t.numel() * t.element_size() for t in (dout, q, k, v, dq, dk_, grads["dv"]))
+        dq, dk_ = torch.empty(num_v, *q.shape, **f32), torch.empty(num_v, *k.shape, **f32)
+    partials = (tiling.split, num_v, batch, heads)
+    grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v), dlog_decay=torch.empty(partials, **f32),
+                 dtheta=torch.empty(*partials, dk // 2, **f32) if has_theta else None)  # fmt: skip
+    programs = batch * num_v * tiling.split * heads
+    table_once, table_reads = _table_bytes((cos, sin), programs, has_theta)
+    size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    # at least: the inputs read once, the gradients written once in their dtype (not the shares)
+    io = size(dout, q, k, v, q, k, v) + table_once
+    # each value block's programs read all of q and k and their block of v and dout, in both walks; they
+    # write dv and their dq/dk (fp32 shares when there are several, then read and summed by the op)
+    summed = size(dq, dk_) + size(q, k) if num_v > 1 else 0
+    moved = 2 * (num_v * size(q, k) + size(v, dout)) + size(dq, dk_, v) + summed
+    # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * size(dout, q, k, v)
     launch = KernelLaunch(
-        _retention_bwd_kernel, (batch * heads, tiling.num_v),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay,
-             theta_ptr=theta if theta is not None else log_decay, do_ptr=dout, dq_ptr=dq, dk_ptr=dk_,
-             dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
-             dtheta_ptr=dtheta if dtheta is not None else grads["dlog_decay"],
-             batch=batch, length=length, heads=heads, dk=dk, dv=dv, num_chunks=tiling.num_chunks),
-        meta, num_warps=num_warps,
-        # two passes over the chunks (forward for dq, reverse for dk and dv): the inputs are read twice
-        work=LaunchWork(token_steps=tiling.num_chunks, exp=0, bytes_min=io, bytes_moved=2 * io),
-        notes={"tokens_per_iteration": tiling.block_t},
+        _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
+        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
+             dq_ptr=dq, dk_ptr=dk_, dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
+             dtheta_ptr=grads["dtheta"] if has_theta else grads["dlog_decay"], batch=batch, length=length,
+             heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
+        _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs and the angle
+        # tables are read twice
+        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
+                        bytes_moved=int(moved + 2 * table_reads + reread)),
+        notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, grads
 
 
 # --- torch.library custom ops (``custom_op`` rather than ``triton_op``: see ``selective/triton.py``) ------
 # The forward keeps nothing but its inputs; the backward is a second op. ``log_decay`` and ``theta``
-# arrive in fp32; ``dtheta`` is an empty tensor without ``theta``.
+# arrive in fp32; ``dtheta`` is an empty tensor without ``theta``. The tiling travels as plain ints and a
+# string (0 / "": the default).
+
+
+def _tiling(chunk_size: int, block_v: int, split: int, num_warps: int, precision: str) -> Tiling:
+    ints = (chunk_size, block_v, split, num_warps)
+    return Tiling(*(n or None for n in ints), None, precision or None)
 
 
 @torch.library.custom_op("defocus::retention_scan_triton_fwd", mutates_args=())
@@ -128,16 +234,20 @@ def retention_scan_triton_fwd(
     theta: torch.Tensor | None,
     chunk_size: int,
     block_v: int,
+    split: int,
+    num_warps: int,
+    precision: str,
 ) -> torch.Tensor:
     """``(batch, length, heads, dv)`` in ``v``'s dtype from contiguous inputs."""
-    launch, out = forward_launch(q, k, v, log_decay, theta, chunk_size, block_v)
+    tiling = _tiling(chunk_size, block_v, split, num_warps, precision)
+    launch, out = forward_launch(q, k, v, log_decay, theta, tiling)
     with device_guard(q):
         launch.run()
     return out
 
 
 @retention_scan_triton_fwd.register_fake
-def _(q, k, v, log_decay, theta, chunk_size, block_v):
+def _(q, k, v, log_decay, theta, chunk_size, block_v, split, num_warps, precision):
     return v.new_empty(v.shape)
 
 
@@ -151,36 +261,40 @@ def retention_scan_triton_bwd(
     theta: torch.Tensor | None,
     chunk_size: int,
     block_v: int,
+    split: int,
+    num_warps: int,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dlog_decay, dtheta)``, each in its input's dtype (``dtheta`` empty without theta)."""
-    launch, grads = backward_launch(dout.contiguous(), q, k, v, log_decay, theta, chunk_size, block_v)
+    tiling = _tiling(chunk_size, block_v, split, num_warps, precision)
+    launch, grads = backward_launch(dout.contiguous(), q, k, v, log_decay, theta, tiling)
     with device_guard(q):
         launch.run()
-    dq, dk_, dtheta = grads["dq"], grads["dk"], grads["dtheta"]
+    dq, dk_ = grads["dq"], grads["dk"]
     if dq.dim() == 5:  # one fp32 share per value block
         dq, dk_ = dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype)
-    grad_theta = dtheta.sum((0, 1)).to(theta.dtype) if theta is not None else q.new_empty(0)
-    return dq, dk_, grads["dv"], grads["dlog_decay"].sum((0, 1)).to(log_decay.dtype), grad_theta
+    grad_theta = grads["dtheta"].sum((0, 1, 2)).to(theta.dtype) if theta is not None else q.new_empty(0)
+    return dq, dk_, grads["dv"], grads["dlog_decay"].sum((0, 1, 2)).to(log_decay.dtype), grad_theta
 
 
 @retention_scan_triton_bwd.register_fake
-def _(dout, q, k, v, log_decay, theta, chunk_size, block_v):
+def _(dout, q, k, v, log_decay, theta, chunk_size, block_v, split, num_warps, precision):
     grad_theta = theta.new_empty(theta.shape) if theta is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), \
         log_decay.new_empty(log_decay.shape), grad_theta  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_decay, theta, chunk_size, block_v = inputs
+    q, k, v, log_decay, theta, *config = inputs
     ctx.save_for_backward(q, k, v, log_decay, theta)
-    ctx.config = (chunk_size, block_v)
+    ctx.config = config
     ctx.has_theta = theta is not None
 
 
 def _backward(ctx, dout):
     q, k, v, log_decay, theta = ctx.saved_tensors
     dq, dk, dv, dlog_decay, dtheta = retention_scan_triton_bwd(dout, q, k, v, log_decay, theta, *ctx.config)
-    return dq, dk, dv, dlog_decay, dtheta if ctx.has_theta else None, None, None
+    return dq, dk, dv, dlog_decay, dtheta if ctx.has_theta else None, None, None, None, None, None
 
 
 retention_scan_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -193,15 +307,19 @@ def retention_scan_triton(
     log_decay: torch.Tensor,
     theta: torch.Tensor | None,
     *,
-    chunk_size: int = 64,
-    block_v: int = 64,
+    chunk_size: int = 0,
+    block_v: int = 0,
+    split: int = 0,
+    num_warps: int = 0,
+    precision: str = "",
 ) -> torch.Tensor:
     """Same contract as ``retention_scan_naive``, on Triton; differentiable in q, k, v, log_decay, theta.
 
     ``q, k: (batch, length, heads, dk)``, ``v: (batch, length, heads, dv)``, ``log_decay: (heads,)``
     (``< 0``), ``theta: (heads, dk // 2)`` or None -> ``(batch, length, heads, dv)`` in ``v``'s dtype.
-    ``chunk_size`` (tokens per chunk) and ``block_v`` (value dims per program) are rounded to powers
-    of two, at least 16.
+    The tunables (0 / "": chosen from the shapes, see :class:`Tiling`): ``chunk_size`` (tokens per
+    chunk) and ``block_v`` (value dims per program), rounded to powers of two >= 16; ``split`` (chunk
+    ranges in separate programs); ``num_warps``; ``precision`` of fp32 inputs (``"ieee"``, ``"tf32"``).
     """
     check_triton_device(dict(q=q, k=k, v=v, log_decay=log_decay, theta=theta))
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -220,10 +338,11 @@ def retention_scan_triton(
         raise ValueError(f"theta must be (heads={heads}, dk/2={dk // 2}), got {tuple(theta.shape)}")
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if chunk_size < 1 or block_v < 1:
-        raise ValueError(f"chunk_size and block_v must be >= 1, got {chunk_size}, {block_v}")
-    # the decay and the angles enter the kernels in fp32 whatever their dtype; converted here, outside the
+    if min(chunk_size, block_v, split, num_warps) < 0 or precision not in ("", "ieee", "tf32"):
+        raise ValueError(f"bad tiling: {chunk_size=}, {block_v=}, {split=}, {num_warps=}, {precision=}")
+    # the decay and the angles enter the ops in fp32 whatever their dtype; converted here, outside the
     # op, so autograd hands their gradients back in the caller's dtype
     q, k, v, log_decay = (t.contiguous() for t in (q, k, v, log_decay.float()))
     theta = theta.float().contiguous() if theta is not None else None
-    return retention_scan_triton_fwd(q, k, v, log_decay, theta, _next_power_of_2(chunk_size), block_v)
+    tiling = (chunk_size, block_v, split, num_warps, precision)
+    return retention_scan_triton_fwd(q, k, v, log_decay, theta, *tiling)

@@ -1,24 +1,28 @@
 """Triton kernels of the chunked retention bandpass scan (forward and backward).
 
-One program owns one (batch, head) and one block of value dimensions and walks the chunks of
-``BLOCK_T`` tokens in order, as ``retention/reference.py`` does with einsums:
+The rotary reads its angles from tables: ``cos``/``sin`` of ``t theta``, ``(length, heads, dk / 2)``
+fp32, computed once per call by the launcher exactly as the reference computes them, so the token loops
+evaluate no sin/cos. Rows of ``q``/``k`` are loaded whole and contiguous; their pairs ``(x[2j], x[2j+1])``
+are split in registers, rotated, and ``q~ . k~`` is one product over the whole head dimension. The
+sequence is cut into chunks of ``BLOCK_T`` tokens, as ``retention/reference.py`` does with einsums:
 
-* inside a chunk ``(q~ k~^T * M) v`` with ``M[i, j] = gamma^(i-j)`` (``i >= j``), on tensor cores;
-* across chunks a state ``S = sum_j gamma^(T-1-j) k~_j^T v_j`` carried in fp32 registers, read by
+* inside a chunk ``(q k^T * M) v`` with ``M[i, j] = gamma^(i-j)`` (``i >= j``), on tensor cores;
+* across chunks a state ``S = sum_j gamma^(T-1-j) k_j^T v_j`` carried in fp32 registers, read by
   query ``i`` with ``gamma^(i+1)``.
 
-Every decay is ``exp(log_decay * n)`` with ``n >= 0`` (log space, nothing can overflow). The rotary is
-applied on load: a head dimension ``dk`` is kept as its even and odd halves, ``x~_e = x_e cos - x_o sin``
-and ``x~_o = x_e sin + x_o cos`` with angle ``t theta``, and ``q~ . k~ = q~_e . k~_e + q~_o . k~_o``.
+Every decay is ``exp(log_decay * n)`` with ``n >= 0`` (log space, nothing can overflow), computed once
+per program outside the token loops.
 
-Backward: a forward pass over chunks gives ``dq~`` (state ``S``), a reverse pass gives ``dk~`` and
-``dv`` (state ``dS = sum_i gamma^(i-T) q~_i^T do_i``). The decay's gradient uses
-``sum_{i>=j} (i-j) X_ij = sum_t t (q~_t . dq~_t - k~_t . dk~_t)`` (with ``X_ij`` the terms of the
-output), so it needs no extra pass; the angle's gradient is ``t (dx~_o x~_e - dx~_e x~_o)`` per pair.
-Both are accumulated in fp32 inside the kernel and written as per-program partial sums.
+Grid: (batch x head, value block, split). A program walks the chunks of its split (``chunks_per_split``
+consecutive chunks) in order; with several splits (small batches, to fill the GPU) it first rebuilds the
+state entering its first chunk from the earlier chunks (a load-and-accumulate loop with no stores). The
+splits need nothing from one another: no atomics, no second launch, deterministic.
 
-Precision: token positions (``t.to(float32)``), angles ``t theta``, their cos/sin and the decay exponents
-``log_decay * n`` are fp32 whatever the inputs' dtype.
+Backward: a forward walk over the split's chunks gives ``dq~`` (state ``S`` of the earlier chunks), a
+reverse walk gives ``dk~`` and ``dv`` (state ``dS = sum_i gamma^(i-T) q~_i^T do_i`` of the later chunks);
+``dq``/``dk`` are their inverse rotations. The decay's gradient uses
+``sum_{i>=j} (i-j) X_ij = sum_t t (q~_t . dq~_t - k~_t . dk~_t)`` (``X_ij`` the terms of the output), the
+angle's ``t (dx~_o x~_e - dx~_e x~_o)`` per pair; both accumulated in fp32 and written per program.
 """
 
 from __future__ import annotations
@@ -28,34 +32,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _mm(a, b, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Matrix product on tensor cores in the inputs' dtype, accumulated in fp32.
+def _round_tf32(x):
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in ``DOT_DTYPE`` operands, fp32 accumulation (``acc`` None: a fresh product).
 
     ``PRECISION == "emulate"``: the Triton interpreter (3.8) returns garbage for bf16 ``tl.dot``, so
-    there the operands are rounded to ``DOT_DTYPE`` and multiplied in fp32, the same numbers."""
+    there the operands are rounded to ``DOT_DTYPE`` and multiplied in fp32, the same numbers; likewise
+    ``"emulate_tf32"`` rounds fp32 operands to TF32 (the interpreter multiplies in full fp32)."""
     if PRECISION == "emulate":
-        return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(DOT_DTYPE).to(tl.float32), input_precision="ieee")
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PRECISION)
-
-
-@triton.jit
-def _load_rotated(ptr, rows, offs_p, mask_tp, cos, sin, HAS_THETA: tl.constexpr):
-    """Even and odd halves of ``(BLOCK_T, dk)`` rows, rotated by the token's angles, in fp32."""
-    even = tl.load(ptr + rows[:, None] + 2 * offs_p[None, :], mask=mask_tp, other=0.0).to(tl.float32)
-    odd = tl.load(ptr + rows[:, None] + 2 * offs_p[None, :] + 1, mask=mask_tp, other=0.0).to(tl.float32)
-    if HAS_THETA:
-        return even * cos - odd * sin, even * sin + odd * cos
-    return even, odd
-
-
-@triton.jit
-def _store_unrotated(ptr, rows, offs_p, mask_tp, grad_even, grad_odd, cos, sin, HAS_THETA: tl.constexpr):
-    """Store the gradient of the unrotated input: the transposed rotation of the rotated one's."""
-    if HAS_THETA:
-        grad_even, grad_odd = grad_even * cos + grad_odd * sin, grad_odd * cos - grad_even * sin
-    dtype = ptr.dtype.element_ty
-    tl.store(ptr + rows[:, None] + 2 * offs_p[None, :], grad_even.to(dtype), mask=mask_tp)
-    tl.store(ptr + rows[:, None] + 2 * offs_p[None, :] + 1, grad_odd.to(dtype), mask=mask_tp)
+        return tl.dot(a.to(DOT_DTYPE).to(tl.float32), b.to(DOT_DTYPE).to(tl.float32), acc,
+                      input_precision="ieee")  # fmt: skip
+    if PRECISION == "emulate_tf32":  # the interpreter: fp32 operands rounded to TF32's 10-bit mantissa
+        return tl.dot(_round_tf32(a), _round_tf32(b), acc, input_precision="ieee")
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -65,8 +59,7 @@ def _decay_weights(log_decay, BLOCK_T: tl.constexpr):
     offs_t = tl.arange(0, BLOCK_T)
     position = offs_t.to(tl.float32)
     distance = position[:, None] - position[None, :]
-    causal = offs_t[:, None] >= offs_t[None, :]
-    intra = tl.where(causal, tl.exp(log_decay * tl.maximum(distance, 0.0)), 0.0)
+    intra = tl.where(distance >= 0, tl.exp(log_decay * tl.maximum(distance, 0.0)), 0.0)
     query_weight = tl.exp(log_decay * (position + 1.0))
     key_weight = tl.exp(log_decay * (BLOCK_T - 1.0 - position))
     chunk_decay = tl.exp(log_decay * BLOCK_T)
@@ -74,156 +67,208 @@ def _decay_weights(log_decay, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _retention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, log_decay_ptr, theta_ptr, o_ptr,
-    length, heads, dk, dv, num_chunks,
-    HAS_THETA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    batch_head = tl.program_id(0)  # the large grid dimension goes first (the others stop at 65535)
-    block_v = tl.program_id(1)
-    batch_index, head = (batch_head // heads).to(tl.int64), batch_head % heads  # 64-bit offsets
-    half = dk // 2
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_v = block_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_p, mask_v = offs_p < half, offs_v < dv
-    log_decay = tl.load(log_decay_ptr + head).to(tl.float32)
-    intra, query_weight, key_weight, chunk_decay = _decay_weights(log_decay, BLOCK_T)
-    theta = tl.zeros((BLOCK_P,), tl.float32)
-    if HAS_THETA:
-        theta = tl.load(theta_ptr + head * half + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-
-    state_even = tl.zeros((BLOCK_P, BLOCK_V), tl.float32)
-    state_odd = tl.zeros((BLOCK_P, BLOCK_V), tl.float32)
-    for chunk in range(num_chunks):
-        t = chunk * BLOCK_T + offs_t
-        mask_t = t < length
-        token = (batch_index * length + t) * heads + head
-        mask_tp = mask_t[:, None] & mask_p[None, :]
-        mask_tv = mask_t[:, None] & mask_v[None, :]
-        angle = t.to(tl.float32)[:, None] * theta[None, :]
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        q_even, q_odd = _load_rotated(q_ptr, token * dk, offs_p, mask_tp, cos, sin, HAS_THETA)
-        k_even, k_odd = _load_rotated(k_ptr, token * dk, offs_p, mask_tp, cos, sin, HAS_THETA)
-        v = tl.load(v_ptr + token[:, None] * dv + offs_v[None, :], mask=mask_tv, other=0.0)
-
-        scores = _mm(q_even, tl.trans(k_even), DOT_DTYPE, PRECISION)
-        scores += _mm(q_odd, tl.trans(k_odd), DOT_DTYPE, PRECISION)
-        out = _mm(scores * intra, v, DOT_DTYPE, PRECISION)
-        out += _mm(q_even * query_weight[:, None], state_even, DOT_DTYPE, PRECISION)
-        out += _mm(q_odd * query_weight[:, None], state_odd, DOT_DTYPE, PRECISION)
-        tl.store(o_ptr + token[:, None] * dv + offs_v[None, :], out.to(o_ptr.dtype.element_ty), mask=mask_tv)
-
-        state_even = chunk_decay * state_even + _mm(tl.trans(k_even * key_weight[:, None]), v, DOT_DTYPE,
-                                                    PRECISION)  # fmt: skip
-        state_odd = chunk_decay * state_odd + _mm(tl.trans(k_odd * key_weight[:, None]), v, DOT_DTYPE,
-                                                  PRECISION)  # fmt: skip
+def _pairs(x, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``(BLOCK_T, 2 BLOCK_P)`` rows as their even and odd dimensions, fp32 (a register split: each
+    thread's vector load holds whole pairs)."""
+    return tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_P, 2)))
 
 
 @triton.jit
-def _retention_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, log_decay_ptr, theta_ptr, do_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dlog_decay_ptr, dtheta_ptr,
-    batch, length, heads, dk, dv, num_chunks,
-    HAS_THETA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Pairs ``(x[2j], x[2j+1])`` rotated by the angles whose cos/sin are given, ``(BLOCK_T, BLOCK_P)``;
+    the inverse rotation is ``sin -> -sin``."""
+    even, odd = _pairs(x, BLOCK_T, BLOCK_P)
+    rotated = tl.join(even * cos - odd * sin, even * sin + odd * cos)
+    return tl.reshape(rotated, (BLOCK_T, 2 * BLOCK_P))
+
+
+@triton.jit
+def _rows(batch_index, head, length, heads, offs_t, offs_d, D: tl.constexpr):
+    """Offsets of chunk 0's rows ``(BLOCK_T, BLOCK_D)`` of one head in a ``(batch, length, heads, D)``
+    tensor; later chunks add ``chunk * BLOCK_T * heads * D``."""
+    return ((batch_index * length + offs_t[:, None]) * heads + head) * D + offs_d[None, :]
+
+
+# ``chunks_per_split`` is not specialised: at 1 (small batches) Triton would unroll the token loop into a
+# branch, which the kernel report cannot see as a loop
+@triton.jit(do_not_specialize=["chunks_per_split"])
+def _retention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, log_decay_ptr, cos_ptr, sin_ptr, o_ptr,
+    length, heads, num_chunks, chunks_per_split,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_THETA: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``dq_ptr``/``dk_ptr`` hold this value block's share (fp32 partials over value blocks, or the
-    final tensors when there is one block); ``dv`` is complete per block."""
     batch_head = tl.program_id(0)  # the large grid dimension goes first (the others stop at 65535)
     block_v = tl.program_id(1)
+    split = tl.program_id(2)
     batch_index, head = (batch_head // heads).to(tl.int64), batch_head % heads  # 64-bit offsets
-    half = dk // 2
+    BLOCK_P: tl.constexpr = BLOCK_K // 2
     offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_v = block_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_p, mask_v = offs_p < half, offs_v < dv
-    log_decay = tl.load(log_decay_ptr + head).to(tl.float32)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_k, mask_v, mask_p = offs_k < DK, offs_v < DV, offs_p < DK // 2
+    log_decay = tl.load(log_decay_ptr + head)
     intra, query_weight, key_weight, chunk_decay = _decay_weights(log_decay, BLOCK_T)
-    theta = tl.zeros((BLOCK_P,), tl.float32)
-    if HAS_THETA:
-        theta = tl.load(theta_ptr + head * half + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    # this block's share of the query/key gradient tensors (value-block partials come first)
-    partial_offset = block_v.to(tl.int64) * batch * length * heads * dk
-    dq_ptr += partial_offset
-    dk_ptr += partial_offset
+    qk_rows = _rows(batch_index, head, length, heads, offs_t, offs_k, DK)
+    v_rows = _rows(batch_index, head, length, heads, offs_t, offs_v, DV)
+    angle_rows = _rows(0, head, length, heads, offs_t, offs_p, DK // 2)  # the (length, heads, dk/2) tables
+    qk_step = BLOCK_T * heads * DK  # one chunk further (int32: a chunk's stride is small)
+    v_step = BLOCK_T * heads * DV
+    angle_step = BLOCK_T * heads * (DK // 2)
+    first = split * chunks_per_split
+    last = tl.minimum(first + chunks_per_split, num_chunks)
+
+    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
+    for chunk in range(0, first):  # the state entering this split (no chunk before it is masked)
+        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
+        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
+        if HAS_THETA:
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
+            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+    for chunk in range(first, last):
+        mask_t = chunk * BLOCK_T + offs_t < length
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        mask_tv = mask_t[:, None] & mask_v[None, :]
+        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+        if HAS_THETA:
+            mask_tp = mask_t[:, None] & mask_p[None, :]
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
+            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
+            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+        scores = _mm(q, tl.trans(k), None, DOT_DTYPE, PRECISION) * intra
+        out = _mm(q, state, None, DOT_DTYPE, PRECISION) * query_weight[:, None]
+        out = _mm(scores, v, out, DOT_DTYPE, PRECISION)
+        tl.store(o_ptr + v_rows + chunk * v_step, out.to(o_ptr.dtype.element_ty), mask=mask_tv)
+        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+
+
+@triton.jit(do_not_specialize=["chunks_per_split"])
+def _retention_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, log_decay_ptr, cos_ptr, sin_ptr, do_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dlog_decay_ptr, dtheta_ptr,
+    batch, length, heads, num_chunks, chunks_per_split,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_THETA: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dq_ptr``/``dk_ptr`` hold this value block's share (fp32 partials over value blocks, or the
+    final tensors when there is one block); ``dv`` is complete per block; ``dlog_decay_ptr`` and
+    ``dtheta_ptr`` one partial sum per program."""
+    batch_head = tl.program_id(0)
+    block_v = tl.program_id(1)
+    split = tl.program_id(2)
+    batch_index, head = (batch_head // heads).to(tl.int64), batch_head % heads
+    BLOCK_P: tl.constexpr = BLOCK_K // 2
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = block_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_k, mask_v, mask_p = offs_k < DK, offs_v < DV, offs_p < DK // 2
+    log_decay = tl.load(log_decay_ptr + head)
+    intra, query_weight, key_weight, chunk_decay = _decay_weights(log_decay, BLOCK_T)
+    intra_t = tl.trans(intra)  # [j, i], for the key-side products
+    qk_rows = _rows(batch_index, head, length, heads, offs_t, offs_k, DK)
+    v_rows = _rows(batch_index, head, length, heads, offs_t, offs_v, DV)
+    angle_rows = _rows(0, head, length, heads, offs_t, offs_p, DK // 2)
+    qk_step = BLOCK_T * heads * DK
+    v_step = BLOCK_T * heads * DV
+    angle_step = BLOCK_T * heads * (DK // 2)
+    share = block_v.to(tl.int64) * batch * length * heads * DK  # this value block's dq/dk share
+    dq_ptr += share
+    dk_ptr += share
+    first = split * chunks_per_split
+    last = tl.minimum(first + chunks_per_split, num_chunks)
     grad_log_decay = tl.zeros((BLOCK_T,), tl.float32)  # per chunk-local row, summed at the end
-    grad_theta = tl.zeros((BLOCK_P,), tl.float32)
+    # t (dx~_o x~_e - dx~_e x~_o) per pair, summed over rows at the end (the products are on the rotated
+    # values the tensor cores multiplied, rounded to DOT_DTYPE: half the bf16 error)
+    grad_theta = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
 
-    # queries, first to last chunk: dq~_i = sum_{j<=i} gamma^(i-j) (do_i . v_j) k~_j
-    state_even = tl.zeros((BLOCK_P, BLOCK_V), tl.float32)
-    state_odd = tl.zeros((BLOCK_P, BLOCK_V), tl.float32)
-    for chunk in range(num_chunks):
+    # queries, first to last chunk: dq_i = sum_{j<=i} gamma^(i-j) (do_i . v_j) k_j + gamma^(i+1) do_i S^T
+    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
+    for chunk in range(0, first):
+        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
+        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
+        if HAS_THETA:
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
+            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+    for chunk in range(first, last):
         t = chunk * BLOCK_T + offs_t
-        mask_t = t < length
-        token = (batch_index * length + t) * heads + head
-        mask_tp = mask_t[:, None] & mask_p[None, :]
-        mask_tv = mask_t[:, None] & mask_v[None, :]
-        position = t.to(tl.float32)
-        angle = position[:, None] * theta[None, :]
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        q_even, q_odd = _load_rotated(q_ptr, token * dk, offs_p, mask_tp, cos, sin, HAS_THETA)
-        k_even, k_odd = _load_rotated(k_ptr, token * dk, offs_p, mask_tp, cos, sin, HAS_THETA)
-        v = tl.load(v_ptr + token[:, None] * dv + offs_v[None, :], mask=mask_tv, other=0.0)
-        do = tl.load(do_ptr + token[:, None] * dv + offs_v[None, :], mask=mask_tv, other=0.0)
+        mask_tk = (t < length)[:, None] & mask_k[None, :]
+        mask_tv = (t < length)[:, None] & mask_v[None, :]
+        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+        do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+        if HAS_THETA:
+            mask_tp = (t < length)[:, None] & mask_p[None, :]
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
+            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P).to(DOT_DTYPE)
+            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+        grad_scores = _mm(do, tl.trans(v), None, DOT_DTYPE, PRECISION) * intra
+        dq = _mm(do, tl.trans(state), None, DOT_DTYPE, PRECISION) * query_weight[:, None]
+        dq = _mm(grad_scores, k, dq, DOT_DTYPE, PRECISION)
+        grad_log_decay += t.to(tl.float32) * tl.sum(q.to(tl.float32) * dq, axis=1)
+        if HAS_THETA:
+            q_even, q_odd = _pairs(q, BLOCK_T, BLOCK_P)
+            dq_even, dq_odd = _pairs(dq, BLOCK_T, BLOCK_P)
+            grad_theta += t.to(tl.float32)[:, None] * (dq_odd * q_even - dq_even * q_odd)
+            dq = _rotate(dq, cos, -sin, BLOCK_T, BLOCK_P)
+        tl.store(dq_ptr + qk_rows + chunk * qk_step, dq.to(dq_ptr.dtype.element_ty), mask=mask_tk)
+        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
 
-        grad_scores = _mm(do, tl.trans(v), DOT_DTYPE, PRECISION) * intra
-        dq_even = _mm(grad_scores, k_even, DOT_DTYPE, PRECISION)
-        dq_even += query_weight[:, None] * _mm(do, tl.trans(state_even), DOT_DTYPE, PRECISION)
-        dq_odd = _mm(grad_scores, k_odd, DOT_DTYPE, PRECISION)
-        dq_odd += query_weight[:, None] * _mm(do, tl.trans(state_odd), DOT_DTYPE, PRECISION)
-        grad_log_decay += position * tl.sum(q_even * dq_even + q_odd * dq_odd, axis=1)
-        grad_theta += tl.sum(position[:, None] * (dq_odd * q_even - dq_even * q_odd), axis=0)
-        _store_unrotated(dq_ptr, token * dk, offs_p, mask_tp, dq_even, dq_odd, cos, sin, HAS_THETA)
-
-        state_even = chunk_decay * state_even + _mm(tl.trans(k_even * key_weight[:, None]), v, DOT_DTYPE,
-                                                    PRECISION)  # fmt: skip
-        state_odd = chunk_decay * state_odd + _mm(tl.trans(k_odd * key_weight[:, None]), v, DOT_DTYPE,
-                                                  PRECISION)  # fmt: skip
-
-    # keys and values, last to first chunk, with dS = sum over later queries of gamma^(i-T) q~_i^T do_i
-    state_even = tl.zeros((BLOCK_P, BLOCK_V), tl.float32)
-    state_odd = tl.zeros((BLOCK_P, BLOCK_V), tl.float32)
-    for reverse_chunk in range(num_chunks):
-        chunk = num_chunks - 1 - reverse_chunk
+    # keys and values, last to first chunk: dS = sum over later queries of gamma^(i+1) q_i^T do_i
+    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
+    for reverse in range(0, num_chunks - last):
+        chunk = num_chunks - 1 - reverse
+        mask_t = chunk * BLOCK_T + offs_t < length
+        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+        if HAS_THETA:
+            mask_tp = mask_t[:, None] & mask_p[None, :]
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
+            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
+        state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
+    for reverse in range(0, last - first):
+        chunk = last - 1 - reverse
         t = chunk * BLOCK_T + offs_t
-        mask_t = t < length
-        token = (batch_index * length + t) * heads + head
-        mask_tp = mask_t[:, None] & mask_p[None, :]
-        mask_tv = mask_t[:, None] & mask_v[None, :]
-        position = t.to(tl.float32)
-        angle = position[:, None] * theta[None, :]
-        cos, sin = tl.cos(angle), tl.sin(angle)
-        q_even, q_odd = _load_rotated(q_ptr, token * dk, offs_p, mask_tp, cos, sin, HAS_THETA)
-        k_even, k_odd = _load_rotated(k_ptr, token * dk, offs_p, mask_tp, cos, sin, HAS_THETA)
-        v = tl.load(v_ptr + token[:, None] * dv + offs_v[None, :], mask=mask_tv, other=0.0)
-        do = tl.load(do_ptr + token[:, None] * dv + offs_v[None, :], mask=mask_tv, other=0.0)
+        mask_tk = (t < length)[:, None] & mask_k[None, :]
+        mask_tv = (t < length)[:, None] & mask_v[None, :]
+        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+        do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+        if HAS_THETA:
+            mask_tp = (t < length)[:, None] & mask_p[None, :]
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
+            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
+            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P).to(DOT_DTYPE)
+        scores_t = _mm(k, tl.trans(q), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
+        dv = _mm(k, state, None, DOT_DTYPE, PRECISION) * key_weight[:, None]
+        dv = _mm(scores_t, do, dv, DOT_DTYPE, PRECISION)
+        tl.store(dv_ptr + v_rows + chunk * v_step, dv.to(dv_ptr.dtype.element_ty), mask=mask_tv)
+        grad_scores_t = _mm(v, tl.trans(do), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
+        dk = _mm(v, tl.trans(state), None, DOT_DTYPE, PRECISION) * key_weight[:, None]
+        dk = _mm(grad_scores_t, q, dk, DOT_DTYPE, PRECISION)
+        grad_log_decay -= t.to(tl.float32) * tl.sum(k.to(tl.float32) * dk, axis=1)
+        if HAS_THETA:
+            k_even, k_odd = _pairs(k, BLOCK_T, BLOCK_P)
+            dk_even, dk_odd = _pairs(dk, BLOCK_T, BLOCK_P)
+            grad_theta += t.to(tl.float32)[:, None] * (dk_odd * k_even - dk_even * k_odd)
+            dk = _rotate(dk, cos, -sin, BLOCK_T, BLOCK_P)
+        tl.store(dk_ptr + qk_rows + chunk * qk_step, dk.to(dk_ptr.dtype.element_ty), mask=mask_tk)
+        state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
 
-        scores = _mm(q_even, tl.trans(k_even), DOT_DTYPE, PRECISION)
-        scores += _mm(q_odd, tl.trans(k_odd), DOT_DTYPE, PRECISION)
-        dv_block = _mm(tl.trans(scores * intra), do, DOT_DTYPE, PRECISION)
-        dv_block += key_weight[:, None] * (
-            _mm(k_even, state_even, DOT_DTYPE, PRECISION) + _mm(k_odd, state_odd, DOT_DTYPE, PRECISION)
-        )
-        tl.store(dv_ptr + token[:, None] * dv + offs_v[None, :], dv_block.to(dv_ptr.dtype.element_ty),
-                 mask=mask_tv)  # fmt: skip
-
-        grad_scores = tl.trans(_mm(do, tl.trans(v), DOT_DTYPE, PRECISION) * intra)  # [j, i]
-        dk_even = _mm(grad_scores, q_even, DOT_DTYPE, PRECISION)
-        dk_even += key_weight[:, None] * _mm(v, tl.trans(state_even), DOT_DTYPE, PRECISION)
-        dk_odd = _mm(grad_scores, q_odd, DOT_DTYPE, PRECISION)
-        dk_odd += key_weight[:, None] * _mm(v, tl.trans(state_odd), DOT_DTYPE, PRECISION)
-        grad_log_decay -= position * tl.sum(k_even * dk_even + k_odd * dk_odd, axis=1)
-        grad_theta += tl.sum(position[:, None] * (dk_odd * k_even - dk_even * k_odd), axis=0)
-        _store_unrotated(dk_ptr, token * dk, offs_p, mask_tp, dk_even, dk_odd, cos, sin, HAS_THETA)
-
-        state_even = chunk_decay * state_even + _mm(tl.trans(q_even * query_weight[:, None]), do, DOT_DTYPE,
-                                                    PRECISION)  # fmt: skip
-        state_odd = chunk_decay * state_odd + _mm(tl.trans(q_odd * query_weight[:, None]), do, DOT_DTYPE,
-                                                  PRECISION)  # fmt: skip
-
-    partial = block_v * batch * heads + batch_head
-    tl.store(dlog_decay_ptr + partial, tl.sum(grad_log_decay, axis=0))
+    program = (split * tl.num_programs(1) + block_v) * tl.num_programs(0) + batch_head
+    tl.store(dlog_decay_ptr + program, tl.sum(grad_log_decay, axis=0))
     if HAS_THETA:
-        tl.store(dtheta_ptr + partial * half + offs_p, grad_theta, mask=mask_p)
+        tl.store(dtheta_ptr + program * (DK // 2) + offs_p, tl.sum(grad_theta, axis=0), mask=mask_p)
