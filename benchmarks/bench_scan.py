@@ -238,6 +238,7 @@ def _report_estimates(case: Case, dtype: torch.dtype) -> dict[str, float] | None
     import kernel_report
 
     from defocus_scale.kernels import aot
+    from defocus_scale.kernels.launch import targeting
 
     if case.kind == "selective" and (case.inner, case.group) != (kernel_report.STATE, kernel_report.GROUP):
         return None
@@ -248,7 +249,8 @@ def _report_estimates(case: Case, dtype: torch.dtype) -> dict[str, float] | None
     if arch not in aot.ARCHS or arch not in aot.available_archs():
         return None
     name = "selective_scan" if case.kind == "selective" else "retention"
-    launches = kernel_report.KERNELS[name][1](case.width, case.length, case.batch, dtype)
+    with targeting(aot.ARCHS[arch].capability):  # this GPU's own defaults
+        launches = kernel_report.KERNELS[name][1](case.width, case.length, case.batch, dtype)
     fields = {}
     for direction, launch in zip(("fwd", "bwd"), launches, strict=True):
         record = aot.report_record(launch, arch)

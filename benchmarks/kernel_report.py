@@ -23,6 +23,7 @@ a report). ``--smoke``: one configuration of each kernel (for the test).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import RESULTS_DIR, describe_environment  # noqa: E402
 
 from defocus_scale.kernels import aot  # noqa: E402
+from defocus_scale.kernels.launch import targeting as launch_target  # noqa: E402
 from defocus_scale.kernels.retention import triton as retention  # noqa: E402
 from defocus_scale.kernels.selective import triton as selective  # noqa: E402
 
@@ -90,8 +92,8 @@ KERNELS = {
 
 
 def configurations(smoke: bool):
-    """``(kernel, config, (fwd launch, bwd launch))`` for every production configuration (``smoke``: the
-    base model at 197 tokens, batch 128, bf16)."""
+    """``(kernel, config, build)`` for every production configuration (``smoke``: the base model at 197
+    tokens, batch 128, bf16); ``build()`` makes its ``(fwd launch, bwd launch)``."""
     for kernel, (models, launches, smoke_model) in KERNELS.items():
         for model, width in models.items():
             for length, batch in SHAPES:
@@ -99,17 +101,20 @@ def configurations(smoke: bool):
                     if smoke and (model, length, batch, dtype_name) != (smoke_model, 197, 128, "bf16"):
                         continue
                     config = dict(model=model, length=length, batch=batch, dtype=dtype_name)
-                    yield kernel, config, launches(width, length, batch, dtype)
+                    yield kernel, config, functools.partial(launches, width, length, batch, dtype)
 
 
 def build_report(archs: list[str], smoke: bool = False) -> list[dict]:
     records = []
-    for kernel, config, launches in configurations(smoke):
+    for (kernel, config, build), arch in itertools.product(configurations(smoke), archs):
+        # each arch's own launches: a launcher may choose its defaults by the GPU it runs on
+        with launch_target(aot.ARCHS[arch].capability):
+            launches = build()
         for direction, launch in zip(("fwd", "bwd"), launches, strict=True):
             # a launch with a prelude (an op in several passes, e.g. the split forward) gives a record
             # per pass, in order; the op's time is the sum of theirs
             passes = (*launch.prelude, launch)
-            for arch, (stage, part) in itertools.product(archs, enumerate(passes)):
+            for stage, part in enumerate(passes):
                 record = {"kernel": kernel, "direction": direction, "arch": arch, "config": config,
                           "stage": stage, "stages": len(passes)}  # fmt: skip
                 record.update(aot.report_record(part, arch))

@@ -12,6 +12,9 @@ move at least (every input read once, every output written once) and does move (
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,30 @@ import torch
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                   torch.int64: "i64"}  # fmt: skip
+
+
+# The compute capability launches are built for when their tensors do not say it (the kernel report's meta
+# tensors): set by ``targeting``; ``None`` means unknown (the interpreter, or no target given).
+_TARGET_CAPABILITY: ContextVar[int | None] = ContextVar("defocus_target_capability", default=None)
+
+
+def target_capability(device: torch.device) -> int | None:
+    """The GPU a launch on ``device`` is for, as ``10 * major + minor`` (90 for an H100): the device's own
+    on CUDA, else the one ``targeting`` names (the report compiles each arch's own launches), else None."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return _TARGET_CAPABILITY.get()
+
+
+@contextlib.contextmanager
+def targeting(capability: int) -> Iterator[None]:
+    """Build launches on meta tensors as for a GPU of this compute capability (``10 * major + minor``)."""
+    token = _TARGET_CAPABILITY.set(capability)
+    try:
+        yield
+    finally:
+        _TARGET_CAPABILITY.reset(token)
 
 
 @dataclass(frozen=True)

@@ -550,6 +550,76 @@ def test_retention_scan_at_a_real_length(dtype):
     )  # fmt: skip
 
 
+def test_retention_autotune_space():
+    """The default first, then only changes that resolve to a different launch; a caller's tiling is
+    not tuned. On the H100 (sm_90) the bf16 backward's default is one value block; on sm_80 shares."""
+    from defocus_scale.kernels.launch import targeting
+    from defocus_scale.kernels.retention import triton as retention_triton
+
+    q = torch.empty(128, REAL_LENGTH, 12, 64, dtype=torch.bfloat16, device="meta")
+    for backward in (False, True):
+        candidates = retention_triton.tiling_candidates(q, 64, backward, retention_triton.Tiling())
+        resolved = [c.resolve(q, 64, backward) for c in candidates]
+        assert candidates[0] == retention_triton.Tiling() and len(candidates) >= 3
+        assert len({repr(r) for r in resolved}) == len(resolved)
+    fixed = retention_triton.Tiling(chunk=32)
+    assert retention_triton.tiling_candidates(q, 64, True, fixed) == [fixed]
+    for capability, block_v in ((80, 32), (90, 64)):
+        with targeting(capability):
+            assert retention_triton.Tiling().resolve(q, 64, backward=True).block_v == block_v
+
+
+@kernels_run_here
+def test_retention_autotune_candidates_agree():
+    """Every candidate tiling the autotuner may pick gives the default's output and gradients."""
+    from defocus_scale.kernels.retention import triton as retention_triton
+
+    inputs = _retention_inputs(1, 37, 2, 16, 64)
+    q, k, v, log_decay, theta = (inputs[n] for n in ("q", "k", "v", "log_decay", "theta"))
+    dout = torch.randn_like(v)
+    for backward in (False, True):
+        candidates = retention_triton.tiling_candidates(q, 64, backward, retention_triton.Tiling())
+        assert len(candidates) >= 2
+        results = []
+        for tiling in candidates:
+            if backward:
+                launch, grads = retention_triton.backward_launch(dout, q, k, v, log_decay, theta, tiling)
+                launch.run()
+                share = grads["dq"].dim() == 5  # one fp32 share per value block, summed
+                results.append([grads["dq"].sum(0) if share else grads["dq"], grads["dk"].sum(0) if share
+                                else grads["dk"], grads["dv"], grads["dlog_decay"].sum((0, 1, 2)),
+                                grads["dtheta"].sum((0, 1, 2))])  # fmt: skip
+            else:
+                launch, out = retention_triton.forward_launch(q, k, v, log_decay, theta, tiling)
+                launch.run()
+                results.append([out])
+        for result in results[1:]:
+            for got, expected in zip(result, results[0], strict=True):
+                _assert_close(got, expected, FP32_TOL, f"backward={backward}")
+
+
+@kernels_run_here
+def test_retention_ops_run_the_autotuned_choice(monkeypatch, tmp_path):
+    """With tuning on and a timer preferring the last candidate, both retention ops run a non-default
+    tiling, remember it, and match the reference."""
+    from defocus_scale.kernels import autotune
+    from defocus_scale.kernels.retention.triton import Tiling
+
+    monkeypatch.setenv("DEFOCUS_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(autotune, "_tunable", lambda device: True)
+    timed = []
+    monkeypatch.setattr(autotune, "_default_timer", lambda run: timed.append(run) or 1.0 / len(timed))
+    autotune.clear()
+    try:
+        _compare(retention_scan_triton, retention_scan_naive, _retention_inputs(1, 37, 2, 16, 64),
+                 torch.float32, FP32_TOL)  # fmt: skip
+        chosen = {key.split("|")[0]: params for key, params in autotune._CHOICES.items()}
+        assert set(chosen) == {"retention_fwd", "retention_bwd"}
+        assert all(params != vars(Tiling()) for params in chosen.values())
+    finally:
+        autotune.clear()
+
+
 # --- torch.library registration and torch.compile ----------------------------------------------------
 
 
