@@ -552,7 +552,8 @@ def test_retention_scan_at_a_real_length(dtype):
 
 def test_retention_autotune_space():
     """The default first, then only changes that resolve to a different launch; a caller's tiling is
-    not tuned. On the H100 (sm_90) the bf16 backward's default is one value block; on sm_80 shares."""
+    not tuned. Defaults by arch: the bf16 backward takes one value block from sm_90 on (shares on sm_80),
+    the bf16 forward chunks of 64 on sm_100."""
     from defocus_scale.kernels.launch import targeting
     from defocus_scale.kernels.retention import triton as retention_triton
 
@@ -564,9 +565,10 @@ def test_retention_autotune_space():
         assert len({repr(r) for r in resolved}) == len(resolved)
     fixed = retention_triton.Tiling(chunk=32)
     assert retention_triton.tiling_candidates(q, 64, True, fixed) == [fixed]
-    for capability, block_v in ((80, 32), (90, 64)):
+    for capability, block_v, chunk in ((80, 32, 32), (90, 64, 32), (100, 64, 64)):
         with targeting(capability):
             assert retention_triton.Tiling().resolve(q, 64, backward=True).block_v == block_v
+            assert retention_triton.Tiling().resolve(q, 64, backward=False).chunk == chunk
 
 
 @kernels_run_here
