@@ -221,6 +221,10 @@ def test_ray_run_on_the_store_survives_a_killed_rank(s3_env: dict[str, str], s3_
         "trainer.global_batch": 16, "trainer.audit_samples": True, "trainer.tensorboard": False,
         "trainer.progress": False, "launcher.num_workers": 2, "launcher.health_check_interval_s": 0.5,
         "faults.enabled": True, "faults.kill_rank": 1, "faults.kill_step": 3, "cluster.num_cpus": 4,
+        # a synchronous save: the step-2 checkpoint is committed before step 3 can end (its collectives
+        # wait for rank 0), so the kill always finds it; asynchronous, a loaded machine could still be
+        # writing it then, and the run would (rightly) restart from step 0
+        "trainer.async_save": False,
     }  # fmt: skip
     command = [sys.executable, "-m", "defocus_scale.cli", "train", "~synthetic_data", *TINY_MODEL,
                *[f"{k}={v}" for k, v in settings.items()]]  # fmt: skip
