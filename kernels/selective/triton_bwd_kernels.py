@@ -153,6 +153,8 @@ def _adjoint_step(
         partial = (row * num_tiles + tile) * STATE
         tl.store(_per_thread(dB_ptr + partial, *offs_n), db, mask=mask_n & (live & first_lane))
         tl.store(_per_thread(dC_ptr + partial, *offs_n), dc, mask=mask_n & (live & first_lane))
+    else:  # the segment's decay is exp(A sum_t delta_t): the carry pass sums delta in dD's place
+        dD += delta
     return decay * g, dA, dD
 
 
@@ -238,7 +240,6 @@ def _selective_scan_bwd_kernel(
             grad_carry = tl.load(later) + tl.load(later + TILE) * grad_carry
     dA = tl.zeros((E_HI, SPW, WARPS, E_LO), tl.float32)
     dD = tl.zeros(CH, tl.float32)
-    delta_sum = tl.zeros(CH, tl.float32)
     for reverse_chunk in range(last_chunk - first_chunk + 1):
         chunk = last_chunk - reverse_chunk
         start = chunk * CHUNK
@@ -249,15 +250,15 @@ def _selective_scan_bwd_kernel(
         # (offsets that depend on the chunk: hoisted out of the loop, they would be held, and spill)
         s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
         tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
-        for group in range(CHUNK // GROUP):
+        # (the last group's steps would give the chunk's end state: not needed)
+        for group in range(CHUNK // GROUP - 1):
             tl.store(scratch + group * TILE, s)
             for step in tl.static_range(GROUP):
                 t = start + group * GROUP + step
                 u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t, offs_e, mask_e, offs_n,
                                             mask_n, t < length, channels, STATE)  # fmt: skip
                 s = _state_step(s, A, u, delta, b)
-                if CARRY_PASS:
-                    delta_sum += delta
+        tl.store(scratch + (CHUNK // GROUP - 1) * TILE, s)
         # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
         # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
         # one layout, which it does; the two barriers a chunk make that an optimisation, not a premise.)
@@ -295,7 +296,7 @@ def _selective_scan_bwd_kernel(
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
         segment = carries + split * (2 * TILE)
         tl.store(segment, grad_carry)
-        tl.store(segment + TILE, tl.exp2(delta_sum * A))
+        tl.store(segment + TILE, tl.exp2(dD * A))  # dD: the carry pass sums delta there
     else:  # partial sums over this segment's tokens: (batch, splits, state, channels) and (.., channels)
         partial = (batch_index * SPLITS + split).to(tl.int64) * channels
         # (offsets formed anew, ``channel_stride - 1`` is 0: shared with the start's, they were held)
