@@ -8,8 +8,10 @@ values are ``(E_HI, 1, WARPS, E_LO)`` (each warp loads and keeps its copy) and p
 ``(1, SPW, WARPS, E_LO)`` (each lane its copy): every operand already sits where the state's
 arithmetic needs it, with no layout conversion through shared memory in the token loops. The
 gradients that sum over channels (``B``, ``C``) and the group norm's sums stay inside a warp
-(shuffles); only the sums over the state cross warps: the read-out, and the gradients of ``u`` and
-``delta`` (one shared-memory exchange for the two).
+(shuffles; at the production tile ``dB`` and ``dC`` are reduce-scattered over the lanes, see
+``_store_scattered``: 4 exchanges and a butterfly step instead of 16 butterfly sums); only the sums
+over the state cross warps: the read-out, and the gradients of ``u`` and ``delta`` (one shared-memory
+exchange for the two).
 
 States in reverse order without storing them all: the forward keeps the state at the end of every
 ``CHUNK`` tokens. The backward walks its segment's chunks last to first. For a chunk it (1) recomputes
@@ -68,6 +70,48 @@ def _channel_sum(x):
 
 
 @triton.jit
+def _pair_sum(w, PAIRS_SHAPE: tl.constexpr, AXIS: tl.constexpr):
+    """``w`` plus its partner lane's: the lane dimension viewed as ``PAIRS_SHAPE``, summed over ``AXIS``
+    (the lane bit that tells the partners apart)."""
+    split = tl.reshape(w, PAIRS_SHAPE)
+    return tl.reshape(tl.broadcast_to(tl.sum(split, axis=AXIS, keep_dims=True), PAIRS_SHAPE), w.shape)
+
+
+@triton.jit
+def _exchange(v0, v1, lane, BIT: tl.constexpr, PAIRS_SHAPE: tl.constexpr, AXIS: tl.constexpr):
+    """One level of a reduce-scatter over the lanes: a lane whose bit ``BIT`` is 0 gets its ``v0`` plus
+    its partner's (the lane differing in that bit), the other its ``v1`` plus the partner's. One
+    exchange for two values, where all-reducing both takes two: the partner's value is the pair's sum
+    less one's own, so the result carries the rounding of that sum."""
+    bit = (lane >> BIT) & 1
+    pair = _pair_sum(tl.where(bit == 0, v1, v0), PAIRS_SHAPE, AXIS)  # what the partner keeps, summed
+    return pair + (1 - 2 * bit).to(tl.float32) * (v0 - v1)
+
+
+@triton.jit
+def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: tl.constexpr):
+    """Stores ``db`` and ``dc`` ``(1, 8, WARPS, 32)``, summed over the 32 lanes: a reduce-scatter (4
+    exchanges of pairs, 16 values to 1 a lane, then 1 butterfly step) instead of 16 butterfly sums of
+    5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; lanes in pairs store once."""
+    lane = tl.arange(0, 32)[None, None, None, :]
+    x = _exchange(db, dc, lane, 4, (1, 8, WARPS, 1, 2, 16), 4)  # (1, 8, WARPS, 32)
+    lane = tl.arange(0, 32)[None, None, :]
+    h0, h1 = tl.split(tl.permute(tl.reshape(x, (2, 4, WARPS, 32)), (1, 2, 3, 0)))
+    x = _exchange(h0, h1, lane, 3, (4, WARPS, 2, 2, 8), 3)  # (4, WARPS, 32)
+    h0, h1 = tl.split(tl.permute(tl.reshape(x, (2, 2, WARPS, 32)), (1, 2, 3, 0)))
+    x = _exchange(h0, h1, lane, 2, (2, WARPS, 4, 2, 4), 3)  # (2, WARPS, 32)
+    lane = tl.arange(0, 32)[None, :]
+    h0, h1 = tl.split(tl.permute(x, (1, 2, 0)))
+    x = _exchange(h0, h1, lane, 1, (WARPS, 8, 2, 2), 2)  # (WARPS, 32)
+    x = _pair_sum(x, (WARPS, 16, 2), 2)
+    state = (
+        tl.arange(0, WARPS)[:, None] * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1)
+    )
+    ptr = tl.where(((lane >> 4) & 1) == 0, dB_ptr, dC_ptr) + state
+    tl.store(ptr, x, mask=((lane & 1) == 0) & live & (state < STATE))
+
+
+@triton.jit
 def _state_step(s, A, u, delta, b):
     """``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`` on ``(E_HI, SPW, WARPS, E_LO)``."""
     return tl.exp2(delta * A) * s + b * (delta * u)
@@ -79,10 +123,13 @@ def _adjoint_step(
     first_warp, first_lane, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr,
     dB_ptr, dC_ptr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
-    STATE: tl.constexpr,
+    STATE: tl.constexpr, SCATTER: tl.constexpr, WARPS: tl.constexpr,
 ):  # fmt: skip
     """One token of the adjoint, given its state ``s_t`` and the carry ``exp(delta_{t+1} A) g_{t+1}``:
     stores the token's gradients, returns the carry for the token before and the running ``dA``, ``dD``."""
+    # A barrier per token keeps the compiler from holding a group's later tokens' loads in registers
+    # across the group: without it sm_80 spills (a few bytes; sm_90 does not).
+    tl.debug_barrier()
     mask_te = mask_e & live
     u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live,
                                 channels, STATE)  # fmt: skip
@@ -148,11 +195,16 @@ def _adjoint_step(
             mask=mask_te & first_warp,
         )
         # this tile's share of d loss / d B_t and d C_t (channels: in-thread first, then the lanes)
-        db = tl.broadcast_to(_channel_sum(g * delta_u), b.shape)
-        dc = tl.broadcast_to(_channel_sum(s * dy), b.shape)
         partial = (row * num_tiles + tile) * STATE
-        tl.store(_per_thread(dB_ptr + partial, *offs_n), db, mask=mask_n & (live & first_lane))
-        tl.store(_per_thread(dC_ptr + partial, *offs_n), dc, mask=mask_n & (live & first_lane))
+        if SCATTER:
+            db = tl.sum(g * delta_u, axis=0, keep_dims=True)
+            dc = tl.sum(s * dy, axis=0, keep_dims=True)
+            _store_scattered(db, dc, dB_ptr + partial, dC_ptr + partial, live, STATE, WARPS)
+        else:
+            db = tl.broadcast_to(_channel_sum(g * delta_u), b.shape)
+            dc = tl.broadcast_to(_channel_sum(s * dy), b.shape)
+            tl.store(_per_thread(dB_ptr + partial, *offs_n), db, mask=mask_n & (live & first_lane))
+            tl.store(_per_thread(dC_ptr + partial, *offs_n), dc, mask=mask_n & (live & first_lane))
     else:  # the segment's decay is exp(A sum_t delta_t): the carry pass sums delta in dD's place
         dD += delta
     return decay * g, dA, dD
@@ -185,6 +237,8 @@ def _selective_scan_bwd_kernel(
     # warp holds its copy: no layout conversion against the state), per-state ones (1, SPW, WARPS, E_LO)
     # (every lane holds its copy).
     SPW: tl.constexpr = BLOCK_N // WARPS  # states per warp
+    # the production tile (64 channels: 2 x 32 lanes, 8 states a warp): dB, dC reduce-scattered
+    SCATTER: tl.constexpr = (E_LO == 32) & (SPW == 8)
     h4 = tl.arange(0, E_HI)[:, None, None, None]
     i4 = tl.arange(0, SPW)[None, :, None, None]
     w4 = tl.arange(0, WARPS)[None, None, :, None]
@@ -290,7 +344,7 @@ def _selective_scan_bwd_kernel(
                     s, grad_carry, dA, dD, A, D, sequence + t0 + step, t0 + step < length, tile, num_tiles,
                     channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_ptr, delta_ptr, B_ptr,
                     C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
-                    GROUP_SIZE, CARRY_PASS, STATE,
+                    GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS,
                 )  # fmt: skip
 
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
