@@ -367,6 +367,20 @@ def test_selective_scan_at_a_real_length_unsplit(monkeypatch):
     )  # fmt: skip
 
 
+@kernels_run_here
+@pytest.mark.parametrize("state,min_programs", [(16, 1), (12, 148)])
+def test_selective_scan_backward_production_tile(monkeypatch, state, min_programs):
+    """The production tile (a norm group of 64 channels: 2 x 32 lanes, 2 warps of 8 states), where the
+    backward reduce-scatters dB and dC over the lanes; a state of 12 masks the last states, and the
+    split sequence (``MIN_PROGRAMS`` 148) runs the carry pass on that tile too."""
+    monkeypatch.setattr(selective_triton, "MIN_PROGRAMS", min_programs)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=64, chunk_size=8, block_channels=64),
+        lambda **t: selective_scan_naive(**t, group_size=64),
+        _scan_inputs(2, 13, 128, state), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("channels", [768, 1536, 2048])
 def test_selective_backward_grid_fills_the_gpu(channels):
     """The production backward launches (meta tensors, nothing runs): at the micro-batch of 2 the

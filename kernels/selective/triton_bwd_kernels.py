@@ -1,11 +1,17 @@
 """Triton kernel of the selective bandpass scan's backward, with its fused epilogue.
 
 One program owns one batch row, one tile of channels (one norm group when the norm is fused) and one
-segment of the sequence. Its ``(state, channels)`` state is held as ``(E_HI, state, E_LO)``: the
-channels' low part over a warp's lanes, the states split over the warps, every thread holding whole
-channels of its warp's states. So the gradients that sum over channels (``B``, ``C``) and the group
-norm's sums stay inside a warp (shuffles), and only the sums over the state (the read-out, the
-gradients of ``u`` and ``delta``) cross warps (one shared-memory exchange each).
+segment of the sequence. Its ``(state, channels)`` state is held as ``(E_HI, SPW, WARPS, E_LO)``: the
+channels' low part over a warp's lanes, the states split over the warps (``SPW`` each), every thread
+holding whole channels of its warp's states. The warps are a dimension of the tensors, so per-channel
+values are ``(E_HI, 1, WARPS, E_LO)`` (each warp loads and keeps its copy) and per-state ones
+``(1, SPW, WARPS, E_LO)`` (each lane its copy): every operand already sits where the state's
+arithmetic needs it, with no layout conversion through shared memory in the token loops. The
+gradients that sum over channels (``B``, ``C``) and the group norm's sums stay inside a warp
+(shuffles; at the production tile ``dB`` and ``dC`` are reduce-scattered over the lanes, see
+``_store_scattered``: 4 exchanges and a butterfly step instead of 16 butterfly sums); only the sums
+over the state cross warps: the read-out, and the gradients of ``u`` and ``delta`` (one shared-memory
+exchange for the two).
 
 States in reverse order without storing them all: the forward keeps the state at the end of every
 ``CHUNK`` tokens. The backward walks its segment's chunks last to first. For a chunk it (1) recomputes
@@ -43,54 +49,106 @@ def _per_thread(base, thread_part, register_part):
     ``register_part`` a compile-time constant per register: one address register per thread and
     immediates. Marked not contiguous: vectorised, the access would come in a layout of its own,
     converted through shared memory at every use."""
-    return tl.max_contiguous((base + thread_part) + register_part, [1, 1, 1])
+    return tl.max_contiguous((base + thread_part) + register_part, [1, 1, 1, 1])
 
 
 @triton.jit
 def _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live, channels,
                   STATE: tl.constexpr):  # fmt: skip
-    """A token's ``delta u`` and ``delta`` (per channel, fp32) and ``B`` (per state); zeros past the end."""
-    u = tl.load(u_ptr + row * channels + offs_e, mask=mask_e & live, other=0.0).to(tl.float32)
-    delta = tl.load(delta_ptr + row * channels + offs_e, mask=mask_e & live, other=0.0).to(tl.float32)
-    b = tl.load(B_ptr + row * STATE + offs_n, mask=mask_n & live, other=0.0)
-    return delta * u, delta, b
+    """A token's ``u`` and ``delta`` (per channel, fp32) and ``B`` (per state); zeros past the end."""
+    u = tl.load(_per_thread(u_ptr + row * channels, *offs_e), mask=mask_e & live, other=0.0).to(tl.float32)
+    delta = tl.load(_per_thread(delta_ptr + row * channels, *offs_e), mask=mask_e & live, other=0.0)
+    delta = delta.to(tl.float32)
+    b = tl.load(_per_thread(B_ptr + row * STATE, *offs_n), mask=mask_n & live, other=0.0)
+    return u, delta, b
 
 
 @triton.jit
-def _state_step(s, A, delta_u, delta, b):
-    """``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`` on ``(E_HI, state, E_LO)``."""
-    return tl.exp2(delta[:, None, :] * A) * s + b[None, :, None] * delta_u[:, None, :]
+def _channel_sum(x):
+    """Sum over the channels (axes 0 and 3: registers, then lanes), per state and warp."""
+    return tl.sum(tl.sum(x, axis=0, keep_dims=True), axis=3, keep_dims=True)
+
+
+@triton.jit
+def _pair_sum(w, PAIRS_SHAPE: tl.constexpr, AXIS: tl.constexpr):
+    """``w`` plus its partner lane's: the lane dimension viewed as ``PAIRS_SHAPE``, summed over ``AXIS``
+    (the lane bit that tells the partners apart)."""
+    split = tl.reshape(w, PAIRS_SHAPE)
+    return tl.reshape(tl.broadcast_to(tl.sum(split, axis=AXIS, keep_dims=True), PAIRS_SHAPE), w.shape)
+
+
+@triton.jit
+def _exchange(v0, v1, lane, BIT: tl.constexpr, PAIRS_SHAPE: tl.constexpr, AXIS: tl.constexpr):
+    """One level of a reduce-scatter over the lanes: a lane whose bit ``BIT`` is 0 gets its ``v0`` plus
+    its partner's (the lane differing in that bit), the other its ``v1`` plus the partner's. One
+    exchange for two values, where all-reducing both takes two: the partner's value is the pair's sum
+    less one's own, so the result carries the rounding of that sum."""
+    bit = (lane >> BIT) & 1
+    pair = _pair_sum(tl.where(bit == 0, v1, v0), PAIRS_SHAPE, AXIS)  # what the partner keeps, summed
+    return pair + (1 - 2 * bit).to(tl.float32) * (v0 - v1)
+
+
+@triton.jit
+def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: tl.constexpr):
+    """Stores ``db`` and ``dc`` ``(1, 8, WARPS, 32)``, summed over the 32 lanes: a reduce-scatter (4
+    exchanges of pairs, 16 values to 1 a lane, then 1 butterfly step) instead of 16 butterfly sums of
+    5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; lanes in pairs store once."""
+    lane = tl.arange(0, 32)[None, None, None, :]
+    x = _exchange(db, dc, lane, 4, (1, 8, WARPS, 1, 2, 16), 4)  # (1, 8, WARPS, 32)
+    lane = tl.arange(0, 32)[None, None, :]
+    h0, h1 = tl.split(tl.permute(tl.reshape(x, (2, 4, WARPS, 32)), (1, 2, 3, 0)))
+    x = _exchange(h0, h1, lane, 3, (4, WARPS, 2, 2, 8), 3)  # (4, WARPS, 32)
+    h0, h1 = tl.split(tl.permute(tl.reshape(x, (2, 2, WARPS, 32)), (1, 2, 3, 0)))
+    x = _exchange(h0, h1, lane, 2, (2, WARPS, 4, 2, 4), 3)  # (2, WARPS, 32)
+    lane = tl.arange(0, 32)[None, :]
+    h0, h1 = tl.split(tl.permute(x, (1, 2, 0)))
+    x = _exchange(h0, h1, lane, 1, (WARPS, 8, 2, 2), 2)  # (WARPS, 32)
+    x = _pair_sum(x, (WARPS, 16, 2), 2)
+    state = (
+        tl.arange(0, WARPS)[:, None] * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1)
+    )
+    ptr = tl.where(((lane >> 4) & 1) == 0, dB_ptr, dC_ptr) + state
+    tl.store(ptr, x, mask=((lane & 1) == 0) & live & (state < STATE))
+
+
+@triton.jit
+def _state_step(s, A, u, delta, b):
+    """``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`` on ``(E_HI, SPW, WARPS, E_LO)``."""
+    return tl.exp2(delta * A) * s + b * (delta * u)
 
 
 @triton.jit
 def _adjoint_step(
     s, grad_carry, dA, dD, A, D, row, live, tile, num_tiles, channels, offs_e, mask_e, offs_n, mask_n,
-    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr,
+    first_warp, first_lane, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr,
+    dB_ptr, dC_ptr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
-    STATE: tl.constexpr,
+    STATE: tl.constexpr, SCATTER: tl.constexpr, WARPS: tl.constexpr,
 ):  # fmt: skip
     """One token of the adjoint, given its state ``s_t`` and the carry ``exp(delta_{t+1} A) g_{t+1}``:
     stores the token's gradients, returns the carry for the token before and the running ``dA``, ``dD``."""
-    # A barrier per token keeps the compiler from holding a group's later tokens' loads (or the
-    # recomputation's, reused) in registers across the group: without it sm_80 spills.
+    # A barrier per token keeps the compiler from holding a group's later tokens' loads in registers
+    # across the group: without it sm_80 spills (a few bytes; sm_90 does not).
     tl.debug_barrier()
     mask_te = mask_e & live
-    offsets = row * channels + offs_e
-    delta_u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live,
-                                      channels, STATE)  # fmt: skip
-    u = tl.load(u_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
-    c = tl.load(C_ptr + row * STATE + offs_n, mask=mask_n & live, other=0.0)
+    u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live,
+                                channels, STATE)  # fmt: skip
+    delta_u = delta * u
+    dout = tl.load(_per_thread(dout_ptr + row * channels, *offs_e), mask=mask_te, other=0.0).to(tl.float32)
+    c = tl.load(_per_thread(C_ptr + row * STATE, *offs_n), mask=mask_n & live, other=0.0)
 
-    # epilogue backward: out = (norm(y) + D u) * silu(z)
-    y = tl.sum(s * c[None, :, None], axis=1)
+    # epilogue backward: out = (norm(y) + D u) * silu(z). The read-out sums the thread's states, then
+    # the warps' (one exchange); per-channel values are then held by every warp (broadcast over WARPS)
+    y = tl.sum(tl.sum(s * c, axis=1, keep_dims=True), axis=2, keep_dims=True)
+    y = tl.broadcast_to(y, u.shape)
     rstd = 1.0
     if GROUP_SIZE > 0:
-        rstd = tl.rsqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / GROUP_SIZE + NORM_EPS)
+        # each warp sums its own copy of the group: lanes only
+        rstd = tl.rsqrt(_channel_sum(y * y) / GROUP_SIZE + NORM_EPS)
     y_normed = y * rstd
     grad_pre_gate = dout
     if HAS_Z:
-        z = tl.load(z_ptr + offsets, mask=mask_te, other=0.0).to(tl.float32)
+        z = tl.load(_per_thread(z_ptr + row * channels, *offs_e), mask=mask_te, other=0.0).to(tl.float32)
         # sigmoid with the approximate division (2 ulp): the IEEE one calls a slow-path subroutine, and
         # the call spills the registers live across it
         gate = tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * z))
@@ -99,41 +157,64 @@ def _adjoint_step(
             if HAS_D:
                 pre_gate += u * D
             dz = dout * pre_gate * gate * (1.0 + z * (1.0 - gate))
-            tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask_te)
+            tl.store(
+                _per_thread(dz_ptr + row * channels, *offs_e),
+                dz.to(dz_ptr.dtype.element_ty),
+                mask=mask_te & first_warp,
+            )
         grad_pre_gate = dout * z * gate
     dy = grad_pre_gate
     if GROUP_SIZE > 0:
-        mean = tl.sum(tl.sum(grad_pre_gate * y_normed, axis=1), axis=0) / GROUP_SIZE
+        mean = _channel_sum(grad_pre_gate * y_normed) / GROUP_SIZE
         dy = rstd * (grad_pre_gate - y_normed * mean)
 
     # the scan's backward
-    g = grad_carry + c[None, :, None] * dy[:, None, :]
-    decay = tl.exp2(delta[:, None, :] * A)
+    g = grad_carry + c * dy
+    decay = tl.exp2(delta * A)
     if not CARRY_PASS:
-        grad_x = tl.sum(g * b[None, :, None], axis=1)
         # d loss / d(delta_t A) = g_t exp(delta_t A) s_{t-1} = g_t (s_t - delta_t u_t B_t)
-        grad_log_decay = g * (s - b[None, :, None] * delta_u[:, None, :])
+        grad_log_decay = g * (s - b * delta_u)
+        # sums over the states: the thread's, then the warps' (both in one exchange)
+        grad_x = tl.sum(g * b, axis=1, keep_dims=True)
+        grad_decay = tl.sum(grad_log_decay * A, axis=1, keep_dims=True)
+        grad_x, grad_decay = tl.split(tl.sum(tl.join(grad_x, grad_decay), axis=2, keep_dims=True))
         du = grad_x * delta
         if HAS_D:
             dD += grad_pre_gate * u
             du += grad_pre_gate * D
-        ddelta = grad_x * u + LN2 * tl.sum(grad_log_decay * A, axis=1)  # A holds A log2(e)
-        dA += grad_log_decay * delta[:, None, :]
-        tl.store(du_ptr + offsets, du.to(du_ptr.dtype.element_ty), mask=mask_te)
-        tl.store(ddelta_ptr + offsets, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_te)
+        ddelta = grad_x * u + LN2 * grad_decay  # A holds A log2(e)
+        dA += grad_log_decay * delta
+        tl.store(
+            _per_thread(du_ptr + row * channels, *offs_e),
+            du.to(du_ptr.dtype.element_ty),
+            mask=mask_te & first_warp,
+        )
+        tl.store(
+            _per_thread(ddelta_ptr + row * channels, *offs_e),
+            ddelta.to(ddelta_ptr.dtype.element_ty),
+            mask=mask_te & first_warp,
+        )
         # this tile's share of d loss / d B_t and d C_t (channels: in-thread first, then the lanes)
-        db = tl.sum(tl.sum(g * delta_u[:, None, :], axis=0), axis=1)
-        dc = tl.sum(tl.sum(s * dy[:, None, :], axis=0), axis=1)
-        partial = (row * num_tiles + tile) * STATE + offs_n
-        tl.store(dB_ptr + partial, db, mask=mask_n & live)
-        tl.store(dC_ptr + partial, dc, mask=mask_n & live)
+        partial = (row * num_tiles + tile) * STATE
+        if SCATTER:
+            db = tl.sum(g * delta_u, axis=0, keep_dims=True)
+            dc = tl.sum(s * dy, axis=0, keep_dims=True)
+            _store_scattered(db, dc, dB_ptr + partial, dC_ptr + partial, live, STATE, WARPS)
+        else:
+            db = tl.broadcast_to(_channel_sum(g * delta_u), b.shape)
+            dc = tl.broadcast_to(_channel_sum(s * dy), b.shape)
+            tl.store(_per_thread(dB_ptr + partial, *offs_n), db, mask=mask_n & (live & first_lane))
+            tl.store(_per_thread(dC_ptr + partial, *offs_n), dc, mask=mask_n & (live & first_lane))
+    else:  # the segment's decay is exp(A sum_t delta_t): the carry pass sums delta in dD's place
+        dD += delta
     return decay * g, dA, dD
 
 
-# ``channel_stride`` (always 1) stays a runtime value, as in the forward: known to be 1, Triton would
-# vectorise the channel accesses (several channels a thread, a state split over lanes) and convert
-# layouts in every token step. ``channels`` is a compile-time constant: the addresses of a thread's
-# states (state * channels + channel) are then one register and immediates, not a register each.
+# Addresses: a thread's entries are one register (its lane and warp) and immediates (its registers),
+# marked not contiguous (``_per_thread``): vectorised, Triton would pick a layout of its own for the
+# access and convert it in every token step. ``channel_stride`` (always 1) stays a runtime value where
+# the state's offsets use it (``A``, the chunk states, ``dA``: outside the token loops). ``channels``
+# is a compile-time constant: ``state * channels + channel`` is then one register and immediates.
 @triton.jit(do_not_specialize=["channel_stride"])
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, boundary_ptr, scratch_ptr, carry_ptr,
@@ -150,35 +231,52 @@ def _selective_scan_bwd_kernel(
     tile = tl.program_id(1)
     split = tl.program_id(2)
     num_tiles = tl.num_programs(1)
-    e3 = tl.arange(0, E_HI)[:, None, None] * E_LO + tl.arange(0, E_LO)[None, None, :]
-    n3 = tl.arange(0, BLOCK_N)[None, :, None]
-    local_e = tl.arange(0, E_HI)[:, None] * E_LO + tl.arange(0, E_LO)[None, :]  # (E_HI, E_LO)
-    offs_n = tl.arange(0, BLOCK_N)
+    # the tile as (E_HI, SPW, WARPS, E_LO): state ``w * SPW + i`` of channel ``h * E_LO + l`` at (h, i, w, l).
+    # Triton's default layout puts E_LO on the lanes and WARPS on the warps (the fastest dimensions
+    # with room), E_HI x SPW in each thread. Per-channel values are (E_HI, 1, WARPS, E_LO) (every
+    # warp holds its copy: no layout conversion against the state), per-state ones (1, SPW, WARPS, E_LO)
+    # (every lane holds its copy).
+    SPW: tl.constexpr = BLOCK_N // WARPS  # states per warp
+    # the production tile (64 channels: 2 x 32 lanes, 8 states a warp): dB, dC reduce-scattered
+    SCATTER: tl.constexpr = (E_LO == 32) & (SPW == 8)
+    h4 = tl.arange(0, E_HI)[:, None, None, None]
+    i4 = tl.arange(0, SPW)[None, :, None, None]
+    w4 = tl.arange(0, WARPS)[None, None, :, None]
+    l4 = tl.arange(0, E_LO)[None, None, None, :]
+    CH: tl.constexpr = (E_HI, 1, WARPS, E_LO)
+    PER_STATE: tl.constexpr = (1, SPW, WARPS, E_LO)
+    local_e = tl.broadcast_to(h4 * E_LO + l4, CH)
+    n4 = tl.broadcast_to(w4 * SPW + i4, PER_STATE)
+    first_warp = tl.broadcast_to(w4 == 0, CH)  # per-channel results: stored by one warp
+    first_lane = tl.broadcast_to(l4 == 0, PER_STATE)  # per-state results: by one lane
+    # a state's offset as (per thread: its warp's first state, per register: the state in the warp)
+    offs_n = (tl.broadcast_to(w4 * SPW, (1, 1, WARPS, E_LO)), i4)
     channel = tile * CHANNELS_PER_PROGRAM + local_e
     # tiles that fill their blocks (the production shapes) need no masks: fewer registers held
     EVEN: tl.constexpr = (CHANNELS_PER_PROGRAM == E_HI * E_LO) & (channels % CHANNELS_PER_PROGRAM == 0)
     mask_e = (local_e < CHANNELS_PER_PROGRAM) & (channel < channels)
     if EVEN:
         mask_e = local_e >= 0
-    offs_e = channel * channel_stride
-    mask_n = offs_n < STATE
-    mask_s = ((e3 < CHANNELS_PER_PROGRAM) & (tile * CHANNELS_PER_PROGRAM + e3 < channels)) & (n3 < STATE)
+    # a channel's offset as (per thread: its lane's channel, per register: the channel's E_HI part)
+    offs_e = (tl.broadcast_to(tile * CHANNELS_PER_PROGRAM + l4, (1, 1, WARPS, E_LO)), h4 * E_LO)
+    mask_n = n4 < STATE
+    e4 = h4 * E_LO + l4
+    mask_s = ((e4 < CHANNELS_PER_PROGRAM) & (tile * CHANNELS_PER_PROGRAM + e4 < channels)) & (n4 < STATE)
     if EVEN & (STATE == BLOCK_N):
-        mask_s = (e3 + n3) >= 0
-    state_offsets = n3 * channels + (tile * CHANNELS_PER_PROGRAM + e3) * channel_stride  # as in memory
+        mask_s = (e4 + n4) >= 0
+    state_offsets = n4 * channels + (tile * CHANNELS_PER_PROGRAM + e4) * channel_stride  # as in memory
     A = tl.load(A_ptr + state_offsets, mask=mask_s, other=0.0)  # A log2(e)
-    D = tl.zeros((E_HI, E_LO), tl.float32)
+    D = tl.zeros(CH, tl.float32)
     if HAS_D:
-        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)
+        D = tl.load(_per_thread(D_ptr, *offs_e), mask=mask_e, other=0.0)
     sequence = batch_index.to(tl.int64) * length  # 64-bit: batch * length * channels is large
     program = (batch_index * num_tiles + tile) * SPLITS + split
     TILE: tl.constexpr = BLOCK_N * E_HI * E_LO
     # Private to the program, and laid out so that a thread's entries are contiguous: its addresses are
     # one register and immediates (a layout coalesced across lanes costs a 64-bit address register pair
     # per entry, and the loop-invariant ones spill).
-    SPW: tl.constexpr = BLOCK_N // WARPS  # states per warp
-    local_thread = ((n3 // SPW) * E_LO + e3 % E_LO) * (E_HI * SPW)  # the same for all of a thread's entries
-    local_reg = (e3 // E_LO) * SPW + n3 % SPW  # a compile-time constant per register
+    local_thread = (w4 * E_LO + l4) * (E_HI * SPW)  # the same for all of a thread's entries
+    local_reg = h4 * SPW + i4  # a compile-time constant per register
     scratch = _per_thread(
         scratch_ptr + program.to(tl.int64) * ((CHUNK // GROUP) * TILE), local_thread, local_reg
     )
@@ -189,14 +287,13 @@ def _selective_scan_bwd_kernel(
     carries = _per_thread(carries, local_thread, local_reg)
 
     # exp(delta_{t+1} A) g_{t+1}: zero past the end, else what the segments to the right send
-    grad_carry = tl.zeros((E_HI, BLOCK_N, E_LO), tl.float32)
+    grad_carry = tl.zeros((E_HI, SPW, WARPS, E_LO), tl.float32)
     if not CARRY_PASS:
         for index in range(SPLITS - 1 - split):  # the segments to the right, last to first
             later = carries + (SPLITS - 1 - index) * (2 * TILE)
             grad_carry = tl.load(later) + tl.load(later + TILE) * grad_carry
-    dA = tl.zeros((E_HI, BLOCK_N, E_LO), tl.float32)
-    dD = tl.zeros((E_HI, E_LO), tl.float32)
-    delta_sum = tl.zeros((E_HI, E_LO), tl.float32)
+    dA = tl.zeros((E_HI, SPW, WARPS, E_LO), tl.float32)
+    dD = tl.zeros(CH, tl.float32)
     for reverse_chunk in range(last_chunk - first_chunk + 1):
         chunk = last_chunk - reverse_chunk
         start = chunk * CHUNK
@@ -207,15 +304,15 @@ def _selective_scan_bwd_kernel(
         # (offsets that depend on the chunk: hoisted out of the loop, they would be held, and spill)
         s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
         tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
-        for group in range(CHUNK // GROUP):
+        # (the last group's steps would give the chunk's end state: not needed)
+        for group in range(CHUNK // GROUP - 1):
             tl.store(scratch + group * TILE, s)
             for step in tl.static_range(GROUP):
                 t = start + group * GROUP + step
-                delta_u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t, offs_e, mask_e,
-                                                  offs_n, mask_n, t < length, channels, STATE)  # fmt: skip
-                s = _state_step(s, A, delta_u, delta, b)
-                if CARRY_PASS:
-                    delta_sum += delta
+                u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t, offs_e, mask_e, offs_n,
+                                            mask_n, t < length, channels, STATE)  # fmt: skip
+                s = _state_step(s, A, u, delta, b)
+        tl.store(scratch + (CHUNK // GROUP - 1) * TILE, s)
         # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
         # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
         # one layout, which it does; the two barriers a chunk make that an optimisation, not a premise.)
@@ -245,20 +342,21 @@ def _selective_scan_bwd_kernel(
                 s = s4 if step == 3 else (s3 if step == 2 else (s2 if step == 1 else s1))
                 grad_carry, dA, dD = _adjoint_step(
                     s, grad_carry, dA, dD, A, D, sequence + t0 + step, t0 + step < length, tile, num_tiles,
-                    channels, offs_e, mask_e, offs_n, mask_n, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr,
-                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z, GROUP_SIZE, CARRY_PASS, STATE,
+                    channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_ptr, delta_ptr, B_ptr,
+                    C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
+                    GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS,
                 )  # fmt: skip
 
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
         segment = carries + split * (2 * TILE)
         tl.store(segment, grad_carry)
-        tl.store(segment + TILE, tl.exp2(delta_sum[:, None, :] * A))
+        tl.store(segment + TILE, tl.exp2(dD * A))  # dD: the carry pass sums delta there
     else:  # partial sums over this segment's tokens: (batch, splits, state, channels) and (.., channels)
         partial = (batch_index * SPLITS + split).to(tl.int64) * channels
         # (offsets formed anew, ``channel_stride - 1`` is 0: shared with the start's, they were held)
         dA_ptr += partial * STATE + (channel_stride - 1)
         tl.store(
-            dA_ptr + n3 * channels + (tile * CHANNELS_PER_PROGRAM + e3) * channel_stride, dA, mask=mask_s
+            dA_ptr + n4 * channels + (tile * CHANNELS_PER_PROGRAM + e4) * channel_stride, dA, mask=mask_s
         )
         if HAS_D:
-            tl.store(dD_ptr + partial + offs_e, dD, mask=mask_e)
+            tl.store(_per_thread(dD_ptr + partial, *offs_e), dD, mask=mask_e & first_warp)
