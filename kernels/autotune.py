@@ -32,7 +32,8 @@ import torch
 Params = dict[str, Any]
 
 _LOCK = threading.Lock()
-_CHOICES: dict[str, Params] = {}  # in-process: cache key -> chosen parameters
+_CHOICES: dict[str, Params] = {}  # cache key -> chosen parameters, as stored on disk
+_SETTLED: dict[tuple, Params] = {}  # (kernel, key, device) -> this process's choice, checked
 _DISK_LOADED: set[Path] = set()
 
 
@@ -106,48 +107,63 @@ def _tunable(device: torch.device) -> bool:
 def choose(
     kernel: str,
     key: Hashable,
-    candidates: Sequence[Params],
+    default: Params,
+    candidates: Callable[[], Sequence[Params]],
     build: Callable[[Params], Callable[[], None]],
     device: torch.device,
     timer: Callable[[Callable[[], None]], float] | None = None,
 ) -> Params:
     """The parameters to launch ``kernel`` with at ``key`` (the shapes and dtypes that decide speed).
 
-    ``candidates``: parameter sets, the default first; ``build(params)`` prepares a launch with them
-    (allocating its outputs) and returns what runs it, which is what is timed. ``timer`` replaces the
-    CUDA timing (tests)."""
-    if not candidates:
-        raise ValueError(f"{kernel}: no candidate launch parameters")
-    default = dict(candidates[0])
-    if len(candidates) == 1 or not (_tunable(device) or timer is not None):
-        return default
+    ``default``: what to launch untuned; ``candidates()``: the parameter sets to try, ``default`` first
+    (called once per key and process, and only where tuning is on, so an op's every call costs a dict
+    lookup); ``build(params)`` prepares a launch with them (allocating its outputs) and returns what runs
+    it, which is what is timed. ``timer`` replaces the CUDA timing (tests)."""
+    if not (_tunable(device) or timer is not None):
+        return dict(default)
+    settled_key = (kernel, key, str(device))
+    settled = _SETTLED.get(settled_key)
+    if settled is not None:
+        return dict(settled)
+    options = [dict(c) for c in candidates()]
+    if not options or options[0] != dict(default):
+        raise ValueError(f"{kernel}: the candidates must start with the default {default}, got {options[:1]}")
+    best = options[0] if len(options) == 1 else _tuned(kernel, key, options, build, device, timer)
+    with _LOCK:
+        _SETTLED[settled_key] = best
+    return dict(best)
+
+
+def _tuned(kernel, key, options: list[Params], build, device: torch.device, timer) -> Params:
+    """The stored choice for ``key`` if it is still one of ``options``, else the fastest, stored."""
     cache_key = _cache_key(kernel, key, device) if device.type == "cuda" else f"{kernel}|{key!r}"
     path = cache_path()
     with _LOCK:
         _load_disk(path)
         known = _CHOICES.get(cache_key)
-    if known is not None and any(dict(c) == known for c in candidates):
+    if known is not None and known in options:
         return dict(known)
     from triton.runtime.errors import OutOfResources
 
     measure = timer or _default_timer
     times = []
-    for params in candidates:
+    for index, params in enumerate(options):
         try:
             times.append(measure(build(dict(params))))
         except OutOfResources as error:  # a candidate this GPU cannot launch (shared memory): never chosen
-            if params is candidates[0]:
+            if index == 0:
                 raise RuntimeError(f"{kernel}: the default launch parameters {params} failed") from error
             times.append(float("inf"))
-    best = dict(candidates[min(range(len(candidates)), key=times.__getitem__)])
+    best = options[min(range(len(options)), key=times.__getitem__)]
     with _LOCK:
         _CHOICES[cache_key] = best
         _store_disk(path, cache_key, best)
-    return best
+    return dict(best)
 
 
 def clear() -> None:
     """Forget every in-memory choice (tests; a changed cache file is read again)."""
     with _LOCK:
         _CHOICES.clear()
+        _SETTLED.clear()
         _DISK_LOADED.clear()

@@ -38,34 +38,50 @@ def _timer(run):
 
 def test_cpu_and_interpreter_take_the_default_untimed():
     built: list = []
-    chosen = autotune.choose("k", ("shape",), CANDIDATES, _build(built), torch.device("cpu"))
+    chosen = autotune.choose(
+        "k", ("shape",), CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("cpu")
+    )
     assert chosen == CANDIDATES[0] and built == []
 
 
 def test_fastest_candidate_is_chosen_once_and_kept_on_disk(tmp_path):
     built: list = []
     key = (2, 197, 1536, "bf16")
-    chosen = autotune.choose("k", key, CANDIDATES, _build(built), torch.device("cpu"), timer=_timer)
+    chosen = autotune.choose(
+        "k", key, CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("cpu"), timer=_timer
+    )
     assert chosen == {"warps": 2, "split": 4} and len(built) == 3
-    again = autotune.choose("k", key, CANDIDATES, _build(built), torch.device("cpu"), timer=_timer)
+    again = autotune.choose(
+        "k", key, CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("cpu"), timer=_timer
+    )
     assert again == chosen and len(built) == 3  # remembered, not timed again
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert list(stored.values()) == [chosen]
     autotune.clear()  # a new process: the file decides, nothing is timed
-    resumed = autotune.choose("k", key, CANDIDATES, _build(built), torch.device("cpu"), timer=_timer)
+    resumed = autotune.choose(
+        "k", key, CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("cpu"), timer=_timer
+    )
     assert resumed == chosen and len(built) == 3
-    other = autotune.choose("k", (128, 197, 1536, "bf16"), CANDIDATES, _build(built), torch.device("cpu"),
-                            timer=_timer)  # fmt: skip
+    cpu, other_key = torch.device("cpu"), (128, 197, 1536, "bf16")
+    other = autotune.choose(
+        "k", other_key, CANDIDATES[0], lambda: CANDIDATES, _build(built), cpu, timer=_timer
+    )
     assert other == chosen and len(built) == 6  # another key is timed on its own
 
 
 def test_a_stale_choice_outside_the_candidates_is_timed_again(tmp_path):
     built: list = []
     key = ("shape",)
-    autotune.choose("k", key, CANDIDATES, _build(built), torch.device("cpu"), timer=_timer)
-    narrower = [CANDIDATES[0], CANDIDATES[2]]  # the launcher no longer offers the stored choice
+    autotune.choose(
+        "k", key, CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("cpu"), timer=_timer
+    )
+    autotune.clear()  # a new process, whose launcher no longer offers the stored choice
+    narrower = [CANDIDATES[0], CANDIDATES[2]]
     assert (
-        autotune.choose("k", key, narrower, _build(built), torch.device("cpu"), timer=_timer) == narrower[1]
+        autotune.choose(
+            "k", key, narrower[0], lambda: narrower, _build(built), torch.device("cpu"), timer=_timer
+        )
+        == narrower[1]
     )
 
 
@@ -75,22 +91,62 @@ def test_unlaunchable_candidates_are_never_chosen_but_a_failing_default_is_an_er
             raise OutOfResources(300_000, 232_448, "shared memory")
         return lambda: params["warps"]
 
-    chosen = autotune.choose("k", ("s",), CANDIDATES, build, torch.device("cpu"), timer=_timer)
+    chosen = autotune.choose(
+        "k", ("s",), CANDIDATES[0], lambda: CANDIDATES, build, torch.device("cpu"), timer=_timer
+    )
     assert chosen == {"warps": 4, "split": 2}
 
     def failing_default(params):
         raise OutOfResources(300_000, 232_448, "shared memory")
 
     with pytest.raises(RuntimeError, match="default launch parameters"):
-        autotune.choose("k2", ("s",), CANDIDATES, failing_default, torch.device("cpu"), timer=_timer)
+        autotune.choose(
+            "k2",
+            ("s",),
+            CANDIDATES[0],
+            lambda: CANDIDATES,
+            failing_default,
+            torch.device("cpu"),
+            timer=_timer,
+        )
 
 
 def test_disabled_or_a_corrupt_cache_file(tmp_path, monkeypatch):
     (tmp_path / "autotune.json").write_text("{not json")
     built: list = []
-    chosen = autotune.choose("k", ("s",), CANDIDATES, _build(built), torch.device("cpu"), timer=_timer)
+    chosen = autotune.choose(
+        "k", ("s",), CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("cpu"), timer=_timer
+    )
     assert chosen == {"warps": 2, "split": 4}  # the corrupt file is ignored and rewritten
     assert json.loads((tmp_path / "autotune.json").read_text())
     monkeypatch.setenv("DEFOCUS_AUTOTUNE", "0")
     assert not autotune.enabled()
-    assert autotune.choose("k3", ("s",), CANDIDATES, _build(built), torch.device("meta")) == CANDIDATES[0]
+    assert (
+        autotune.choose("k3", ("s",), CANDIDATES[0], lambda: CANDIDATES, _build(built), torch.device("meta"))
+        == CANDIDATES[0]
+    )
+
+
+def test_candidates_are_listed_once_per_key_and_never_untuned():
+    """An op calls ``choose`` on every launch: past a key's first call it is a dict lookup, and where
+    nothing is tuned the candidates are not even listed."""
+    listed: list = []
+
+    def candidates():
+        listed.append(1)
+        return CANDIDATES
+
+    built: list = []
+    assert (
+        autotune.choose("k", ("s",), CANDIDATES[0], candidates, _build(built), torch.device("cpu"))
+        == CANDIDATES[0]
+    )
+    assert listed == []
+    for _ in range(3):
+        chosen = autotune.choose("k", ("s",), CANDIDATES[0], candidates, _build(built), torch.device("cpu"),
+                                 timer=_timer)  # fmt: skip
+    assert chosen == {"warps": 2, "split": 4} and listed == [1] and len(built) == 3
+    with pytest.raises(ValueError, match="start with the default"):
+        autotune.choose(
+            "k4", ("s",), CANDIDATES[1], candidates, _build(built), torch.device("cpu"), timer=_timer
+        )

@@ -247,15 +247,14 @@ def tiling_candidates(q: torch.Tensor, dv: int, backward: bool, tiling: Tiling) 
 
 def _choose(name: str, q: torch.Tensor, dv: int, backward: bool, tiling: Tiling, build) -> Tiling:
     """The tiling to launch with: the caller's when it fixes any tunable, else ``autotune``'s pick."""
-    candidates = tiling_candidates(q, dv, backward, tiling)
-    key = (
-        tuple(q.shape),
-        dv,
-        q.dtype,
-        tiling.precision or (fp32_precision() if q.dtype == torch.float32 else ""),
-    )
-    chosen = autotune.choose(name, key, [vars(c) for c in candidates],
-                             lambda params: build(Tiling(**params)).run, q.device)  # fmt: skip
+    if tiling != Tiling():
+        return tiling
+    precision = tiling.precision or (fp32_precision() if q.dtype == torch.float32 else "")
+    key = (tuple(q.shape), dv, q.dtype, precision)
+    chosen = autotune.choose(
+        name, key, vars(tiling), lambda: [vars(c) for c in tiling_candidates(q, dv, backward, tiling)],
+        lambda params: build(Tiling(**params)).run, q.device,
+    )  # fmt: skip
     return Tiling(**chosen)
 
 

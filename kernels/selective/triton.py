@@ -396,9 +396,9 @@ def selective_scan_triton_fwd(
             tunables = {"segments": segments}
         else:
             key = (tuple(u.shape), A.shape[1], u.dtype, D is not None, z is not None, *config)
-            candidates = forward_candidates(u, A.shape[1], group_size, chunk_size, block_channels)
             tunables = autotune.choose(
-                "selective_scan_fwd", key, candidates,
+                "selective_scan_fwd", key, {},
+                lambda: forward_candidates(u, A.shape[1], group_size, chunk_size, block_channels),
                 lambda params: forward_launch(u, delta, A, B, C, D, z, *config, **params)[0].run, u.device,
             )  # fmt: skip
         launch, out, boundary = forward_launch(u, delta, A, B, C, D, z, *config, **tunables)
@@ -442,7 +442,7 @@ def selective_scan_triton_bwd(
     with device_guard(u):
         key = (tuple(u.shape), A.shape[1], u.dtype, D is not None, z is not None, *config)
         tunables = autotune.choose(
-            "selective_scan_bwd", key, backward_candidates(u, A.shape[1], *config),
+            "selective_scan_bwd", key, {}, lambda: backward_candidates(u, A.shape[1], *config),
             lambda params: backward_launch(dout, u, delta, A, B, C, D, z, boundary, *config, **params)[0].run,
             u.device,
         )  # fmt: skip
