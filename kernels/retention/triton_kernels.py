@@ -89,6 +89,32 @@ def _rows(batch_index, head, length, heads, offs_t, offs_d, D: tl.constexpr):
     return ((batch_index * length + offs_t[:, None]) * heads + head) * D + offs_d[None, :]
 
 
+@triton.jit
+def _load_chunk(
+    q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step, v_step,
+    angle_step, length, offs_t, mask_k, mask_v, mask_p,
+    HAS_THETA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """One chunk's rows for the backward's walks: ``(t, mask_tk, mask_tv, q, k, v, do, cos, sin)`` with
+    ``q``, ``k`` rotated (in fp32) when there is a rotary; rows past the end load as zeros."""
+    t = chunk * BLOCK_T + offs_t
+    mask_tk = (t < length)[:, None] & mask_k[None, :]
+    mask_tv = (t < length)[:, None] & mask_v[None, :]
+    q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+    k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
+    v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+    do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
+    cos = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)  # unused without a rotary
+    sin = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+    if HAS_THETA:
+        mask_tp = (t < length)[:, None] & mask_p[None, :]
+        cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
+        sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
+        q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
+        k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+    return t, mask_tk, mask_tv, q, k, v, do, cos, sin
+
+
 # ``chunks_per_split`` is not specialised: at 1 (small batches) Triton would unroll the token loop into a
 # branch, which the kernel report cannot see as a loop
 @triton.jit(do_not_specialize=["chunks_per_split"])
@@ -199,19 +225,11 @@ def _retention_bwd_kernel(
             k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
         state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
     for chunk in range(first, last):
-        t = chunk * BLOCK_T + offs_t
-        mask_tk = (t < length)[:, None] & mask_k[None, :]
-        mask_tv = (t < length)[:, None] & mask_v[None, :]
-        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
-        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
-        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
-        do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
-        if HAS_THETA:
-            mask_tp = (t < length)[:, None] & mask_p[None, :]
-            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
-            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
-            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P).to(DOT_DTYPE)
-            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+        t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
+            q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
+            v_step, angle_step, length, offs_t, mask_k, mask_v, mask_p, HAS_THETA, BLOCK_T, BLOCK_P,
+        )  # fmt: skip
+        q = q.to(DOT_DTYPE)  # the rotated queries as the tensor cores take them (dtheta uses these)
         grad_scores = _mm(do, tl.trans(v), None, DOT_DTYPE, PRECISION) * intra
         dq = _mm(do, tl.trans(state), None, DOT_DTYPE, PRECISION) * query_weight[:, None]
         dq = _mm(grad_scores, k, dq, DOT_DTYPE, PRECISION)
@@ -239,19 +257,11 @@ def _retention_bwd_kernel(
         state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
     for reverse in range(0, last - first):
         chunk = last - 1 - reverse
-        t = chunk * BLOCK_T + offs_t
-        mask_tk = (t < length)[:, None] & mask_k[None, :]
-        mask_tv = (t < length)[:, None] & mask_v[None, :]
-        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
-        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_tk, other=0.0)
-        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
-        do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_tv, other=0.0)
-        if HAS_THETA:
-            mask_tp = (t < length)[:, None] & mask_p[None, :]
-            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
-            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
-            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
-            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P).to(DOT_DTYPE)
+        t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
+            q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
+            v_step, angle_step, length, offs_t, mask_k, mask_v, mask_p, HAS_THETA, BLOCK_T, BLOCK_P,
+        )  # fmt: skip
+        k = k.to(DOT_DTYPE)  # the rotated keys as the tensor cores take them (dtheta uses these)
         scores_t = _mm(k, tl.trans(q), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
         dv = _mm(k, state, None, DOT_DTYPE, PRECISION) * key_weight[:, None]
         dv = _mm(scores_t, do, dv, DOT_DTYPE, PRECISION)
