@@ -27,9 +27,14 @@ from ..selective.triton import check_triton_device, device_guard
 from .triton_kernels import _retention_bwd_kernel, _retention_fwd_kernel
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# the largest SM count of the GPUs we target (B200): small batches are split until the grid has this many
-# programs when the device is unknown (the kernel report's meta tensors, the interpreter)
+# SMs of the GPU a launch targets when its tensors do not say (the kernel report's meta tensors under
+# ``launch.targeting``: the SXM parts A100, H100, B200); unknown (the interpreter): the largest, B200's
+_TARGET_SMS = {80: 108, 90: 132, 100: 148}
 _DEFAULT_SMS = 148
+# A forward program's cost with value blocks of 32 relative to one with 64, IEEE fp32 on the FMA units
+# (chunks of 16, 8 warps; the sm_90 report's instructions per chunk, 573 / 936): q k^T, the loads and
+# the rotation are paid per block, so halving the block saves ~40%, not 50%
+_HALF_BLOCK_COST = 0.61
 
 
 def _next_power_of_2(n: int) -> int:
@@ -39,7 +44,13 @@ def _next_power_of_2(n: int) -> int:
 def _sm_count(t: torch.Tensor) -> int:
     if t.is_cuda:
         return torch.cuda.get_device_properties(t.device).multi_processor_count
-    return _DEFAULT_SMS
+    return _TARGET_SMS.get(target_capability(t.device), _DEFAULT_SMS)
+
+
+def _waves(programs: int, sms: int) -> int:
+    """Rounds of one program per SM: the time of an issue-bound launch in program times, whatever its
+    CTAs per SM (``k`` resident programs share an SM's issue slots, so they take ``k`` program times)."""
+    return -(-programs // sms)
 
 
 def fp32_precision() -> str:
@@ -102,6 +113,12 @@ class Tiling:
             chunk //= 2
         while self.block_v is None and block_v > 16 and programs(chunk, block_v) < sms:
             block_v //= 2
+        wide, narrow = tasks * -(-dv // 64), tasks * -(-dv // 32)
+        if (self.block_v is None and kind == "ieee" and not backward and block_v == 64 and dv > 32
+                and _waves(narrow, sms) * _HALF_BLOCK_COST < _waves(wide, sms)):  # fmt: skip
+            # wave quantisation: e.g. 192 programs on 132 SMs take two rounds, the second 45% full;
+            # 384 half-width programs take three rounds of ~0.6 the time (RetNet-S, 577 tokens, sm_90)
+            block_v = 32
         num_v = -(-dv // block_v)
         num_chunks = -(-length // chunk)
         split = self.split
