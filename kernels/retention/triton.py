@@ -47,6 +47,18 @@ def _sm_count(t: torch.Tensor) -> int:
     return _TARGET_SMS.get(target_capability(t.device), _DEFAULT_SMS)
 
 
+# A backward rebuild-loop iteration (one product: the state of a chunk outside the split) relative to a
+# token-loop iteration of both walks, IEEE fp32 (the sm_90 report's instructions: 346 / (992 + 1549))
+_REBUILD_COST = 0.14
+
+
+def _split_cost(split: int, programs: int, num_chunks: int, sms: int) -> float:
+    """The IEEE fp32 backward's issue time, in token-loop iterations, with its chunks cut into ``split``
+    ranges: rounds of programs times the last program's own chunks and the chunks it rebuilds from."""
+    per_split = -(-num_chunks // split)
+    return _waves(programs * split, sms) * per_split * (1 + _REBUILD_COST * (split - 1))
+
+
 def _waves(programs: int, sms: int) -> int:
     """Rounds of one program per SM: the time of an issue-bound launch in program times, whatever its
     CTAs per SM (``k`` resident programs share an SM's issue slots, so they take ``k`` program times)."""
@@ -124,6 +136,11 @@ class Tiling:
         split = self.split
         if split is None:  # fill the GPU: one program per SM at least, splitting the chunks
             split = min(num_chunks, -(-sms // (tasks * num_v)))
+            # ... counted after rounding to equal ranges (7 chunks in 6 splits are 4 ranges of 2)
+            while split < num_chunks and tasks * num_v * -(-num_chunks // -(-num_chunks // split)) < sms:
+                split += 1
+            if kind == "ieee" and backward and split == 1:
+                split = min(range(1, 5), key=lambda n: _split_cost(n, tasks * num_v, num_chunks, sms))
         split = max(1, min(split, num_chunks))
         per_split = -(-num_chunks // split)
         split = -(-num_chunks // per_split)  # no empty split
@@ -181,15 +198,16 @@ def forward_launch(
     # q and k are read once per value block; a split re-reads the keys and values of the chunks before it
     kv_bytes = sum(t.numel() * t.element_size() for t in (k, v))
     reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * kv_bytes
+    moved = io - table_once + table_reads + (num_v - 1) * qk_bytes + reread
     launch = KernelLaunch(
         _retention_fwd_kernel, (batch * heads, num_v, tiling.split),
         dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, o_ptr=out,
              length=length, heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
         _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        # token loop iterations of the last split: its own chunks and the earlier ones it re-reads (the
-        # re-reading loop stores nothing, so the report prices those chunks at the token loop's cost)
-        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(io - table_once + table_reads + (num_v - 1) * qk_bytes + reread)),
+        # the token loop's iterations, and the last split's re-reading of the chunks before it (the
+        # rebuild loop)
+        work=LaunchWork(token_steps=per_split, rebuild_steps=(tiling.split - 1) * per_split, exp=0,
+                        bytes_min=io, bytes_moved=int(moved)),
         notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, out
@@ -232,9 +250,10 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
              heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
         _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs and the angle
-        # tables are read twice
-        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(moved + 2 * table_reads + reread)),
+        # tables are read twice; the rebuild loop reads the chunks outside the split once (the shortest,
+        # last split has the most of them)
+        work=LaunchWork(token_steps=per_split, rebuild_steps=(tiling.split - 1) * per_split, exp=0,
+                        bytes_min=io, bytes_moved=int(moved + 2 * table_reads + reread)),
         notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, grads
