@@ -585,6 +585,37 @@ def test_retention_autotune_space():
             assert retention_triton.Tiling().resolve(q, 64, backward=False).chunk == chunk
 
 
+def test_retention_grids_follow_the_targeted_gpu():
+    """Launches on meta tensors are sized for the targeted GPU's SMs. IEEE fp32 RetNet-S at 577 tokens
+    (192 heads' sequences) on an H100's 132 SMs: the forward halves its value blocks and the backward
+    splits its chunks (3 rounds of cheaper programs instead of 2 rounds, the second 45% full); not
+    where the rounds come out full enough (an A100, RetNet-B, 197 tokens). Small batches fill each GPU."""
+    from defocus_scale.kernels.launch import targeting
+    from defocus_scale.kernels.retention import triton as retention_triton
+
+    def resolve(batch, length, heads, dtype, backward):
+        q = torch.empty(batch, length, heads, 64, dtype=dtype, device="meta")
+        precision = "ieee" if dtype == torch.float32 else None  # torch's default: no TF32
+        return retention_triton.Tiling(precision=precision).resolve(q, 64, backward)
+
+    with targeting(90):
+        assert resolve(32, 577, 6, torch.float32, False).block_v == 32
+        assert resolve(32, 577, 6, torch.float32, True).split == 2
+        for batch, length, heads in ((32, 577, 12), (128, REAL_LENGTH, 6)):
+            assert resolve(batch, length, heads, torch.float32, False).block_v == 64
+            assert resolve(batch, length, heads, torch.float32, True).split == 1
+    with targeting(80):
+        assert resolve(32, 577, 6, torch.float32, False).block_v == 64
+        assert resolve(32, 577, 6, torch.float32, True).split == 1
+    for capability, sms in retention_triton._TARGET_SMS.items():
+        with targeting(capability):
+            for dtype in (torch.float32, torch.bfloat16):
+                for backward in (False, True):
+                    for heads in (6, 12):
+                        tiling = resolve(2, REAL_LENGTH, heads, dtype, backward)
+                        assert 2 * heads * -(-64 // tiling.block_v) * tiling.split >= sms
+
+
 @kernels_run_here
 def test_retention_autotune_candidates_agree():
     """Every candidate tiling the autotuner may pick gives the default's output and gradients."""
