@@ -75,7 +75,8 @@ def fp32_precision() -> str:
 class Tiling:
     """The tunables of one launch (an autotuner may pass any of them; ``None`` picks the default from the
     shapes). ``chunk``: tokens per chunk; ``block_v``: value dims per program; ``split``: chunk ranges
-    handled by separate programs (small batches); ``precision``: ``"ieee"``/``"tf32"`` for fp32 inputs."""
+    handled by separate programs (small batches); ``precision``: ``"ieee"``/``"tf32"`` for fp32 inputs;
+    ``passes``: the backward's walks in one launch (1) or two (2: dq, then dk and dv)."""
 
     chunk: int | None = None
     block_v: int | None = None
@@ -83,6 +84,7 @@ class Tiling:
     num_warps: int | None = None
     num_stages: int | None = None
     precision: str | None = None
+    passes: int | None = None
 
     def resolve(self, q: torch.Tensor, dv: int, backward: bool) -> Tiling:
         batch, length, heads, dk = q.shape
@@ -107,6 +109,11 @@ class Tiling:
             # sm_90 and later compile the one-block backward without spills (sm_80 does not): no dq/dk
             # shares to write and sum (2.1x the floor on the H100 model instead of 5.6x)
             default_block_v = 64
+        passes = self.passes or 1
+        if kind == "tensor" and backward and capability is not None and capability < 90 and not self.passes:
+            # sm_80 spills one-block backwards with both walks or the reverse walk whole: dq, dv and dk in
+            # three launches of one block each, spill-free (2.8x the floor instead of 5.5x with shares)
+            default_block_v, passes = 64, 3
         if kind == "tensor" and not backward and capability is not None and capability >= 100:
             # sm_100 compiles chunks of 64 without spills (sm_80 spills): 1.5x its floor instead of 2.8x
             default_chunk = 64
@@ -145,7 +152,8 @@ class Tiling:
         per_split = -(-num_chunks // split)
         split = -(-num_chunks // per_split)  # no empty split
         num_warps = self.num_warps or default_warps
-        return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision)
+        passes = passes if backward else 1
+        return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision, passes)
 
 
 def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int, has_theta: bool) -> dict:
@@ -214,7 +222,9 @@ def forward_launch(
 
 
 def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None = None):
-    """The backward kernel's launch and the tensors it writes (gradients or per-program partial sums)."""
+    """The backward's launch and the tensors it writes (gradients or per-program partial sums). With
+    ``tiling.passes == 2`` the walks run in two launches, dq first (the returned launch's prelude), then
+    dk and dv."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     tiling = (tiling or Tiling()).resolve(q, dv, backward=True)
@@ -228,7 +238,8 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     else:  # one fp32 share per value block, summed by the caller
         dq, dk_ = torch.empty(num_v, *q.shape, **f32), torch.empty(num_v, *k.shape, **f32)
-    partials = (tiling.split, num_v, batch, heads)
+    passes = tiling.passes
+    partials = (passes * tiling.split, num_v, batch, heads)  # a launch's programs write a slice each
     grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v), dlog_decay=torch.empty(partials, **f32),
                  dtheta=torch.empty(*partials, dk // 2, **f32) if has_theta else None)  # fmt: skip
     programs = batch * num_v * tiling.split * heads
@@ -236,26 +247,44 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
     size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     # at least: the inputs read once, the gradients written once in their dtype (not the shares)
     io = size(dout, q, k, v, q, k, v) + table_once
-    # each value block's programs read all of q and k and their block of v and dout, in both walks; they
-    # write dv and their dq/dk (fp32 shares when there are several, then read and summed by the op)
+    # each walk of each value block's programs reads all of q and k and their block of v and dout and the
+    # angle tables; the forward walk writes dq, the reverse walk dv and dk (fp32 shares when there are
+    # several value blocks, then read and summed by the op); a split re-reads k, v of the chunks before
+    # it (forward walk) and q, dout of the chunks after it (reverse walk). In several launches, each
+    # walks the chunks for its gradients.
     summed = size(dq, dk_) + size(q, k) if num_v > 1 else 0
-    moved = 2 * (num_v * size(q, k) + size(v, dout)) + size(dq, dk_, v) + summed
-    # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
-    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * size(dout, q, k, v)
-    launch = KernelLaunch(
-        _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
-             dq_ptr=dq, dk_ptr=dk_, dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
-             dtheta_ptr=grads["dtheta"] if has_theta else grads["dlog_decay"], batch=batch, length=length,
-             heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
-        _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs and the angle
-        # tables are read twice; the rebuild loop reads the chunks outside the split once (the shortest,
-        # last split has the most of them)
-        work=LaunchWork(token_steps=per_split, rebuild_steps=(tiling.split - 1) * per_split, exp=0,
-                        bytes_min=io, bytes_moved=int(moved + 2 * table_reads + reread)),
-        notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
-    )  # fmt: skip
+    reads = num_v * size(q, k) + size(v, dout) + table_reads
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks
+    reverse = reread * size(q, dout)
+    walks = {  # bytes moved by a launch computing (dq, dv, dk)
+        (True, True, True): 2 * reads + size(dq, dk_, v) + summed + reread * size(dout, q, k, v),
+        (True, False, False): reads + size(dq) + reread * size(k, v),
+        (False, True, True): reads + size(dk_, v) + summed + reverse,
+        (False, True, False): reads + reverse,  # q, k, dout read (v not), dv written: as many bytes
+        (False, False, True): reads + size(dk_) + summed + reverse,
+    }
+    shares = {1: [(True, True, True)], 2: [(True, False, False), (False, True, True)],
+              3: [(True, False, False), (False, True, False), (False, False, True)]}[passes]  # fmt: skip
+    launches = []
+    for index, (queries, values, keys) in enumerate(shares):
+        part = slice(index * tiling.split, (index + 1) * tiling.split)
+        moved = walks[queries, values, keys]
+        launches.append(KernelLaunch(
+            _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
+            dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
+                 dq_ptr=dq, dk_ptr=dk_, dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"][part],
+                 dtheta_ptr=grads["dtheta"][part] if has_theta else grads["dlog_decay"], batch=batch,
+                 length=length, heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
+            {**_constexprs(tiling, q, dv, has_theta), "QUERIES": queries, "VALUES": values, "KEYS": keys},
+            num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+            # the rebuild loops read the chunks outside the split once (the shortest, last split has the
+            # most of them); every pass carries the op's floor (bytes_min)
+            work=LaunchWork(token_steps=per_split, rebuild_steps=(tiling.split - 1) * per_split, exp=0,
+                            bytes_min=io, bytes_moved=int(moved)),
+            notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
+        ))  # fmt: skip
+    launch = launches[-1]
+    launch.prelude = tuple(launches[:-1])
     return launch, grads
 
 
