@@ -51,8 +51,14 @@ def test_every_kernel_compiles_for_sm80_and_sm90_fits_and_does_not_spill(tmp_pat
         assert r["loops"], f"{where}: no token loop found in the SASS"
         for key in ("registers", "est_ms", "floor_ms"):
             assert r[key] > 0, (where, key)
-        assert r["est_ms"] >= r["floor_ms"] * 0.999, where  # an estimate below the floor is a bug
         assert r["measured"] is False and r["compiled_with"]["triton"], where
+    # an op's estimate below its floor is a bug (an op in several passes: the sum of theirs; each pass's
+    # record carries the op's floor)
+    ops: dict[str, list[dict]] = {}
+    for r in records:
+        ops.setdefault(f"{r['kernel']} {r['direction']} {r['arch']} {r['config']}", []).append(r)
+    for where, passes in ops.items():
+        assert sum(r["est_ms"] for r in passes) >= passes[0]["floor_ms"] * 0.999, where
 
 
 SASS = """
