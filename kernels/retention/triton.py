@@ -95,9 +95,10 @@ class Tiling:
             precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
         # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64, the rotary's tiles in the loops
         # included): per operand kind and direction the (chunk, value block, warps) with the best estimate
-        # among those that compile without spills on all three archs. The backward splits the value dims
-        # (fp32 dq/dk shares, summed by the op: ~5.6x the floor instead of ~2.2x with one block) because
-        # every one-block backward tiling spills on sm_80 (the rotations' register tiles).
+        # among those that compile without spills on all three archs. The 16-bit backward of an unknown
+        # GPU splits the value dims (fp32 dq/dk shares, summed by the op: ~5.6x the floor) because every
+        # one-block, one-launch backward spills on sm_80 (the rotations' register tiles); the GPUs the
+        # report targets have their own below.
         kind = "ieee" if fp32 and precision == "ieee" else "tf32" if fp32 else "tensor"
         default_chunk, default_block_v, default_warps = {
             ("tensor", False): (32, 64, 8), ("tensor", True): (16, 32, 4),
