@@ -534,6 +534,16 @@ def test_retention_backward_in_several_launches(passes, block_v, split):
 
 
 @kernels_run_here
+def test_retention_scan_chunks_of_64():
+    """Chunks of 64 (sm_100's bf16 defaults, forward and backward): 150 tokens, the last chunk partial."""
+    inputs = _retention_inputs(1, 150, 2, 8, 16)
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=64, block_v=16, split=1),
+        retention_scan_naive, inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
 def test_retention_scan_tf32():
     """fp32 inputs on TF32 tensor cores (the interpreter rounds the operands to TF32)."""
     inputs = _retention_inputs(1, 37, 2, 16, 16)
