@@ -250,7 +250,7 @@ def _analyse(compiled, launch: KernelLaunch, arch: str) -> Binary:
         ]  # fmt: skip
 
     profiles, rebuilds = profile(token_loops(instructions)), profile(rebuild_loops(instructions))
-    in_loops = sum(p["instructions"] for p in profiles + rebuilds)
+    in_loops = sum(p["instructions"] for p in profiles)  # rebuild loops stay in the prologue's count too
     warps = launch.num_warps
     regs_per_warp = -(-registers * 32 // 256) * 256
     limits = {
