@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .launch import KernelLaunch
@@ -87,6 +87,7 @@ class Binary:
     occupancy_limit: str  # what bounds CTAs/SM
     launchable: bool
     why_not: str
+    rebuild_loops: list[dict] = field(default_factory=list)  # loops that load and store nothing
 
 
 def compile_launch(launch: KernelLaunch, arch: str):
@@ -118,23 +119,43 @@ def _backward_branches(instructions: list[tuple[int, str, str]]) -> list[tuple[i
     return loops
 
 
-def token_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
-    """The address ranges of the token loops: the innermost loops (backward branches) that store to
-    global memory (every token loop writes its tokens' outputs or gradients). A loop nested inside one
-    that stores nothing (libdevice's slow argument reduction of sin/cos) is part of it, not the loop."""
+def _loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     branches = _backward_branches(instructions)
     # A backward branch that jumps from beyond a loop's end into that loop is the return of an
     # out-of-line block (sm_100's mbarrier wait-retry stubs: ``TRYWAIT; @!P BRA self; BRA back``), not a
     # loop of its own: its range crosses the loop's instead of nesting in it.
-    branches = [b for b in branches if not any(o[0] < b[0] <= o[1] < b[1] for o in branches)]
-    storing = [
-        loop for loop in branches
-        if any(loop[0] <= a <= loop[1] and op.startswith("STG") for a, op, _ in instructions)
+    return [b for b in branches if not any(o[0] < b[0] <= o[1] < b[1] for o in branches)]
+
+
+def _innermost_with(instructions, loops: list[tuple[int, int]], opcode: str) -> list[tuple[int, int]]:
+    having = [
+        loop for loop in loops
+        if any(loop[0] <= a <= loop[1] and op.startswith(opcode) for a, op, _ in instructions)
     ]  # fmt: skip
     return sorted(
-        loop for loop in storing
-        if not any(o != loop and loop[0] <= o[0] and o[1] <= loop[1] for o in storing)
+        loop for loop in having
+        if not any(o != loop and loop[0] <= o[0] and o[1] <= loop[1] for o in having)
     )  # fmt: skip
+
+
+def token_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """The address ranges of the token loops: the innermost loops (backward branches) that store to
+    global memory (every token loop writes its tokens' outputs or gradients). A loop nested inside one
+    that stores nothing (libdevice's slow argument reduction of sin/cos) is part of it, not the loop."""
+    return _innermost_with(instructions, _loops(instructions), "STG")
+
+
+def rebuild_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """The rebuild loops: the innermost loops that load from global memory and store nothing, outside
+    the token loops (a split's pass over the chunks before it, accumulating the state it starts from)."""
+    loops = _loops(instructions)
+    tokens = _innermost_with(instructions, loops, "STG")
+    storing = [loop for loop in loops if any(t[0] >= loop[0] and t[1] <= loop[1] for t in tokens)]
+    quiet = [loop for loop in loops if loop not in storing]
+    return [
+        loop for loop in _innermost_with(instructions, quiet, "LDG")
+        if not any(t[0] <= loop[0] and loop[1] <= t[1] for t in tokens)
+    ]  # fmt: skip
 
 
 _REGISTER = re.compile(r"\bR(\d+)\b")
@@ -219,13 +240,17 @@ def _analyse(compiled, launch: KernelLaunch, arch: str) -> Binary:
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
     shared = int(compiled.metadata.shared)
     instructions = parse_sass(sass)
-    loops = token_loops(instructions)
     all_loops = _backward_branches(instructions)
-    profiles = []
-    for lo, hi in loops:
-        nested = [n for n in all_loops if n != (lo, hi) and lo <= n[0] and n[1] <= hi]
-        profiles.append(_loop_profile(instructions, lo, hi, nested))
-    in_loops = sum(p["instructions"] for p in profiles)
+
+    def profile(loops: list[tuple[int, int]]) -> list[dict]:
+        return [
+            _loop_profile(instructions, lo, hi,
+                          [n for n in all_loops if n != (lo, hi) and lo <= n[0] and n[1] <= hi])
+            for lo, hi in loops
+        ]  # fmt: skip
+
+    profiles, rebuilds = profile(token_loops(instructions)), profile(rebuild_loops(instructions))
+    in_loops = sum(p["instructions"] for p in profiles)  # rebuild loops stay in the prologue's count too
     warps = launch.num_warps
     regs_per_warp = -(-registers * 32 // 256) * 256
     limits = {
@@ -244,6 +269,7 @@ def _analyse(compiled, launch: KernelLaunch, arch: str) -> Binary:
         arch=arch, registers=registers, spill_bytes=spills, local_bytes=local, shared_bytes=shared,
         num_warps=warps, loops=profiles, other_instructions=len(instructions) - in_loops,
         ctas_per_sm=max(limits[bound], 0), occupancy_limit=bound, launchable=not why_not, why_not=why_not,
+        rebuild_loops=rebuilds,
     )  # fmt: skip
 
 
@@ -251,10 +277,12 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
     """Estimated time of one launch, and its floors, in ms.
 
     The model: an SM issues ``schedulers`` warp instructions per clock; its resident warps share them.
-    A token loop's iteration takes, per wave of resident programs, the larger of (a) the instructions of
-    the warps sharing a scheduler and (b) one warp's own instructions plus one dependent DRAM load
-    (``mem_latency_cycles``: the latency bound when too few warps hide it), or only the DRAM latency
-    when no load in the loop is read in its own iteration (loads a token ahead overlap the step).
+    A token loop's iteration (a rebuild loop's likewise: ``work.rebuild_steps`` iterations of the rebuild
+    loops together, each at the costliest one's price) takes, per wave of resident programs, the larger
+    of (a) the instructions of the warps sharing a scheduler and (b) one warp's own instructions plus
+    one dependent DRAM load (``mem_latency_cycles``: the latency bound when too few warps hide it), or
+    only the DRAM latency when no load in the loop is read in its own iteration (loads a token ahead
+    overlap the step).
     Programs run in waves of ``ctas_per_sm`` per SM. Independently, the SFU pipe (MUFU instructions from
     the SASS) and HBM (``work.bytes_moved``) bound the launch; the estimate is the largest of the three.
     The floors are what any kernel must pay: the exponentials of the maths on the SFU, and every input
@@ -268,16 +296,19 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
     full_waves, rest = divmod(programs, per_wave)
     loop_cycles = 0.0
     waves = [(binary.ctas_per_sm, full_waves)] + ([(-(-rest // spec.sms), 1)] if rest else [])
+    steps = [(loop, work.token_steps) for loop in binary.loops]
+    if binary.rebuild_loops:  # a program runs some of each: all its iterations at the costliest one's
+        steps.append((max(binary.rebuild_loops, key=lambda loop: loop["instructions"]), work.rebuild_steps))
     for resident, count in waves:
         warps_per_scheduler = resident * binary.num_warps / spec.schedulers
-        for loop in binary.loops:
+        for loop, n_steps in steps:
             n = loop["instructions"]
             exposed = n if loop.get("loads_used_in_iteration", 1) else 0
             iteration = max(warps_per_scheduler * n, exposed + spec.mem_latency_cycles)
-            loop_cycles += count * work.token_steps * iteration
+            loop_cycles += count * n_steps * iteration
     fixed = binary.other_instructions * (len(waves))  # prologue/epilogue, once per wave
     issue_ms = (loop_cycles + fixed) / cycles_per_ms
-    mufu = sum(loop["mufu"] for loop in binary.loops) * work.token_steps * programs * binary.num_warps * 32
+    mufu = sum(loop["mufu"] * n_steps for loop, n_steps in steps) * programs * binary.num_warps * 32
     sfu_ms = mufu / (spec.sms * spec.sfu_per_clk) / cycles_per_ms
     memory_ms = work.bytes_moved / (spec.hbm_tb_s * 1e9)
     sfu_floor = work.exp / (spec.sms * spec.sfu_per_clk) / cycles_per_ms
@@ -304,7 +335,7 @@ def report_record(launch: KernelLaunch, arch: str) -> dict:
         instructions_per_token=sum(loop["instructions"] for loop in binary.loops)
         / launch.notes.get("tokens_per_iteration", 1),
         # local-memory accesses in the token loops: spills, or libdevice's sin/cos argument reduction
-        loop_local=sum(loop["local"] for loop in binary.loops),
+        loop_local=sum(loop["local"] for loop in binary.loops + binary.rebuild_loops),
         constexprs={k: str(v) for k, v in launch.constexprs.items()},
     )  # fmt: skip
     return record

@@ -51,12 +51,16 @@ def targeting(capability: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class LaunchWork:
     """What one launch has to do. ``token_steps``: iterations of each token loop per program (every token
-    loop of a kernel runs that many times); ``exp``: exponentials the maths needs (the SFU floor)."""
+    loop of a kernel runs that many times); ``exp``: exponentials the maths needs (the SFU floor);
+    ``rebuild_steps``: iterations of the rebuild loops together (loops that load and store nothing: a
+    split's passes over the chunks outside its range, accumulating states) of the program that runs the
+    most of them."""
 
     token_steps: int
     exp: int
     bytes_min: int
     bytes_moved: int
+    rebuild_steps: int = 0
 
 
 @dataclass

@@ -505,6 +505,45 @@ def test_retention_scan_split(length, split):
 
 
 @kernels_run_here
+@pytest.mark.parametrize("passes,block_v,split", [(2, 16, 1), (3, 64, 2), (3, 16, 3)])
+def test_retention_backward_in_several_launches(passes, block_v, split):
+    """dq, then dv and dk (2 launches) or dv, dk apart (3): each walks the chunks for its gradients and
+    writes its own partial sums of dlog_decay/dtheta; the same gradients as one launch and the reference
+    (value blocks of 16 write fp32 shares of dq/dk; a split rebuilds the states from outside its range)."""
+    from defocus_scale.kernels.retention import triton as retention_triton
+
+    inputs = _retention_inputs(2, 37, 2, 8, 40)
+    q, k, v, log_decay, theta = (inputs[n] for n in ("q", "k", "v", "log_decay", "theta"))
+    dout = torch.randn_like(v)
+    results = []
+    for tiling_passes in (1, passes):
+        tiling = retention_triton.Tiling(chunk=16, block_v=block_v, split=split, passes=tiling_passes)
+        launch, grads = retention_triton.backward_launch(dout, q, k, v, log_decay, theta, tiling)
+        assert len(launch.prelude) == tiling_passes - 1
+        launch.run()
+        share = grads["dq"].dim() == 5
+        results.append([grads["dq"].sum(0) if share else grads["dq"], grads["dk"].sum(0) if share
+                        else grads["dk"], grads["dv"], grads["dlog_decay"].sum((0, 1, 2)),
+                        grads["dtheta"].sum((0, 1, 2))])  # fmt: skip
+    leaves = {n: t.clone().requires_grad_(True) for n, t in inputs.items() if t is not None}
+    retention_scan_naive(**leaves).backward(dout)
+    reference = [leaves[n].grad for n in ("q", "k", "v", "log_decay", "theta")]
+    for name, several, one, expected in zip("q k v log_decay theta".split(), *results, reference):
+        _assert_close(several, one, FP32_TOL, f"d{name}, {passes} launches vs one")
+        _assert_close(several, expected, FP32_TOL, f"d{name}, {passes} launches vs the reference")
+
+
+@kernels_run_here
+def test_retention_scan_chunks_of_64():
+    """Chunks of 64 (sm_100's bf16 defaults, forward and backward): 150 tokens, the last chunk partial."""
+    inputs = _retention_inputs(1, 150, 2, 8, 16)
+    _compare(
+        lambda **t: retention_scan_triton(**t, chunk_size=64, block_v=16, split=1),
+        retention_scan_naive, inputs, torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+@kernels_run_here
 def test_retention_scan_tf32():
     """fp32 inputs on TF32 tensor cores (the interpreter rounds the operands to TF32)."""
     inputs = _retention_inputs(1, 37, 2, 16, 16)
@@ -566,8 +605,8 @@ def test_retention_scan_at_a_real_length(dtype):
 
 def test_retention_autotune_space():
     """The default first, then only changes that resolve to a different launch; a caller's tiling is
-    not tuned. Defaults by arch: the bf16 backward takes one value block from sm_90 on (shares on sm_80),
-    the bf16 forward chunks of 64 on sm_100."""
+    not tuned. Defaults by arch: the bf16 backward takes one value block, in one launch from sm_90 on, in
+    three on sm_80 (dq, dv, dk: one launch spills there); the bf16 forward chunks of 64 on sm_100."""
     from defocus_scale.kernels.launch import targeting
     from defocus_scale.kernels.retention import triton as retention_triton
 
@@ -579,10 +618,44 @@ def test_retention_autotune_space():
         assert len({repr(r) for r in resolved}) == len(resolved)
     fixed = retention_triton.Tiling(chunk=32)
     assert retention_triton.tiling_candidates(q, 64, True, fixed) == [fixed]
-    for capability, block_v, chunk in ((80, 32, 32), (90, 64, 32), (100, 64, 64)):
+    for capability, passes, chunk in ((80, 3, 32), (90, 1, 32), (100, 1, 64)):
         with targeting(capability):
-            assert retention_triton.Tiling().resolve(q, 64, backward=True).block_v == block_v
+            backward = retention_triton.Tiling().resolve(q, 64, backward=True)
+            assert (backward.block_v, backward.passes) == (64, passes)
             assert retention_triton.Tiling().resolve(q, 64, backward=False).chunk == chunk
+            launch, _ = retention_triton.backward_launch(q, q, q, q, q[0, 0, :, 0], None)
+            assert len(launch.prelude) == passes - 1
+
+
+def test_retention_grids_follow_the_targeted_gpu():
+    """Launches on meta tensors are sized for the targeted GPU's SMs. IEEE fp32 RetNet-S at 577 tokens
+    (192 heads' sequences) on an H100's 132 SMs: the forward halves its value blocks and the backward
+    splits its chunks (3 rounds of cheaper programs instead of 2 rounds, the second 45% full); not
+    where the rounds come out full enough (an A100, RetNet-B, 197 tokens). Small batches fill each GPU."""
+    from defocus_scale.kernels.launch import targeting
+    from defocus_scale.kernels.retention import triton as retention_triton
+
+    def resolve(batch, length, heads, dtype, backward):
+        q = torch.empty(batch, length, heads, 64, dtype=dtype, device="meta")
+        precision = "ieee" if dtype == torch.float32 else None  # torch's default: no TF32
+        return retention_triton.Tiling(precision=precision).resolve(q, 64, backward)
+
+    with targeting(90):
+        assert resolve(32, 577, 6, torch.float32, False).block_v == 32
+        assert resolve(32, 577, 6, torch.float32, True).split == 2
+        for batch, length, heads in ((32, 577, 12), (128, REAL_LENGTH, 6)):
+            assert resolve(batch, length, heads, torch.float32, False).block_v == 64
+            assert resolve(batch, length, heads, torch.float32, True).split == 1
+    with targeting(80):
+        assert resolve(32, 577, 6, torch.float32, False).block_v == 64
+        assert resolve(32, 577, 6, torch.float32, True).split == 1
+    for capability, sms in retention_triton._TARGET_SMS.items():
+        with targeting(capability):
+            for dtype in (torch.float32, torch.bfloat16):
+                for backward in (False, True):
+                    for heads in (6, 12):
+                        tiling = resolve(2, REAL_LENGTH, heads, dtype, backward)
+                        assert 2 * heads * -(-64 // tiling.block_v) * tiling.split >= sms
 
 
 @kernels_run_here

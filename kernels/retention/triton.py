@@ -27,9 +27,14 @@ from ..selective.triton import check_triton_device, device_guard
 from .triton_kernels import _retention_bwd_kernel, _retention_fwd_kernel
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# the largest SM count of the GPUs we target (B200): small batches are split until the grid has this many
-# programs when the device is unknown (the kernel report's meta tensors, the interpreter)
+# SMs of the GPU a launch targets when its tensors do not say (the kernel report's meta tensors under
+# ``launch.targeting``: the SXM parts A100, H100, B200); unknown (the interpreter): the largest, B200's
+_TARGET_SMS = {80: 108, 90: 132, 100: 148}
 _DEFAULT_SMS = 148
+# A forward program's cost with value blocks of 32 relative to one with 64, IEEE fp32 on the FMA units
+# (chunks of 16, 8 warps; the sm_90 report's instructions per chunk, 573 / 936): q k^T, the loads and
+# the rotation are paid per block, so halving the block saves ~40%, not 50%
+_HALF_BLOCK_COST = 0.61
 
 
 def _next_power_of_2(n: int) -> int:
@@ -39,7 +44,25 @@ def _next_power_of_2(n: int) -> int:
 def _sm_count(t: torch.Tensor) -> int:
     if t.is_cuda:
         return torch.cuda.get_device_properties(t.device).multi_processor_count
-    return _DEFAULT_SMS
+    return _TARGET_SMS.get(target_capability(t.device), _DEFAULT_SMS)
+
+
+# A backward rebuild-loop iteration (one product: the state of a chunk outside the split) relative to a
+# token-loop iteration of both walks, IEEE fp32 (the sm_90 report's instructions: 346 / (992 + 1549))
+_REBUILD_COST = 0.14
+
+
+def _split_cost(split: int, programs: int, num_chunks: int, sms: int) -> float:
+    """The IEEE fp32 backward's issue time, in token-loop iterations, with its chunks cut into ``split``
+    ranges: rounds of programs times the last program's own chunks and the chunks it rebuilds from."""
+    per_split = -(-num_chunks // split)
+    return _waves(programs * split, sms) * per_split * (1 + _REBUILD_COST * (split - 1))
+
+
+def _waves(programs: int, sms: int) -> int:
+    """Rounds of one program per SM: the time of an issue-bound launch in program times, whatever its
+    CTAs per SM (``k`` resident programs share an SM's issue slots, so they take ``k`` program times)."""
+    return -(-programs // sms)
 
 
 def fp32_precision() -> str:
@@ -52,7 +75,8 @@ def fp32_precision() -> str:
 class Tiling:
     """The tunables of one launch (an autotuner may pass any of them; ``None`` picks the default from the
     shapes). ``chunk``: tokens per chunk; ``block_v``: value dims per program; ``split``: chunk ranges
-    handled by separate programs (small batches); ``precision``: ``"ieee"``/``"tf32"`` for fp32 inputs."""
+    handled by separate programs (small batches); ``precision``: ``"ieee"``/``"tf32"`` for fp32 inputs;
+    ``passes``: the backward's walks in one launch (1) or two (2: dq, then dk and dv)."""
 
     chunk: int | None = None
     block_v: int | None = None
@@ -60,6 +84,7 @@ class Tiling:
     num_warps: int | None = None
     num_stages: int | None = None
     precision: str | None = None
+    passes: int | None = None
 
     def resolve(self, q: torch.Tensor, dv: int, backward: bool) -> Tiling:
         batch, length, heads, dk = q.shape
@@ -70,9 +95,10 @@ class Tiling:
             precision = "emulate_tf32" if precision == "tf32" and fp32 else "ieee" if fp32 else "emulate"
         # Defaults from the kernel report (sm_80/90/100, RetNet heads of 64, the rotary's tiles in the loops
         # included): per operand kind and direction the (chunk, value block, warps) with the best estimate
-        # among those that compile without spills on all three archs. The backward splits the value dims
-        # (fp32 dq/dk shares, summed by the op: ~5.6x the floor instead of ~2.2x with one block) because
-        # every one-block backward tiling spills on sm_80 (the rotations' register tiles).
+        # among those that compile without spills on all three archs. The 16-bit backward of an unknown
+        # GPU splits the value dims (fp32 dq/dk shares, summed by the op: ~5.6x the floor) because every
+        # one-block, one-launch backward spills on sm_80 (the rotations' register tiles); the GPUs the
+        # report targets have their own below.
         kind = "ieee" if fp32 and precision == "ieee" else "tf32" if fp32 else "tensor"
         default_chunk, default_block_v, default_warps = {
             ("tensor", False): (32, 64, 8), ("tensor", True): (16, 32, 4),
@@ -84,9 +110,17 @@ class Tiling:
             # sm_90 and later compile the one-block backward without spills (sm_80 does not): no dq/dk
             # shares to write and sum (2.1x the floor on the H100 model instead of 5.6x)
             default_block_v = 64
+        passes = self.passes or 1
+        if kind == "tensor" and backward and capability is not None and capability < 90 and not self.passes:
+            # sm_80 spills one-block backwards with both walks or the reverse walk whole: dq, dv and dk in
+            # three launches of one block each, spill-free (2.8x the floor instead of 5.5x with shares)
+            default_block_v, passes = 64, 3
         if kind == "tensor" and not backward and capability is not None and capability >= 100:
             # sm_100 compiles chunks of 64 without spills (sm_80 spills): 1.5x its floor instead of 2.8x
             default_chunk = 64
+        if kind == "tensor" and backward and capability is not None and capability >= 100:
+            # and the backward in chunks of 64 over 8 warps, spill-free: ~2.2-2.5x its floor, was 3.1-4.1x
+            default_chunk, default_warps = 64, 8
         chunk = max(16, min(_next_power_of_2(self.chunk or default_chunk), _next_power_of_2(length)))
         block_v = max(16, min(_next_power_of_2(self.block_v or default_block_v), _next_power_of_2(dv)))
         sms, tasks = _sm_count(q), batch * heads
@@ -102,16 +136,28 @@ class Tiling:
             chunk //= 2
         while self.block_v is None and block_v > 16 and programs(chunk, block_v) < sms:
             block_v //= 2
+        wide, narrow = tasks * -(-dv // 64), tasks * -(-dv // 32)
+        if (self.block_v is None and kind == "ieee" and not backward and block_v == 64 and dv > 32
+                and _waves(narrow, sms) * _HALF_BLOCK_COST < _waves(wide, sms)):  # fmt: skip
+            # wave quantisation: e.g. 192 programs on 132 SMs take two rounds, the second 45% full;
+            # 384 half-width programs take three rounds of ~0.6 the time (RetNet-S, 577 tokens, sm_90)
+            block_v = 32
         num_v = -(-dv // block_v)
         num_chunks = -(-length // chunk)
         split = self.split
         if split is None:  # fill the GPU: one program per SM at least, splitting the chunks
             split = min(num_chunks, -(-sms // (tasks * num_v)))
+            # ... counted after rounding to equal ranges (7 chunks in 6 splits are 4 ranges of 2)
+            while split < num_chunks and tasks * num_v * -(-num_chunks // -(-num_chunks // split)) < sms:
+                split += 1
+            if kind == "ieee" and backward and split == 1:
+                split = min(range(1, 5), key=lambda n: _split_cost(n, tasks * num_v, num_chunks, sms))
         split = max(1, min(split, num_chunks))
         per_split = -(-num_chunks // split)
         split = -(-num_chunks // per_split)  # no empty split
         num_warps = self.num_warps or default_warps
-        return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision)
+        passes = passes if backward else 1
+        return Tiling(chunk, block_v, split, num_warps, self.num_stages or 1, precision, passes)
 
 
 def _constexprs(tiling: Tiling, q: torch.Tensor, dv: int, has_theta: bool) -> dict:
@@ -164,22 +210,25 @@ def forward_launch(
     # q and k are read once per value block; a split re-reads the keys and values of the chunks before it
     kv_bytes = sum(t.numel() * t.element_size() for t in (k, v))
     reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * kv_bytes
+    moved = io - table_once + table_reads + (num_v - 1) * qk_bytes + reread
     launch = KernelLaunch(
         _retention_fwd_kernel, (batch * heads, num_v, tiling.split),
         dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, o_ptr=out,
              length=length, heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
         _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        # token loop iterations of the last split: its own chunks and the earlier ones it re-reads (the
-        # re-reading loop stores nothing, so the report prices those chunks at the token loop's cost)
-        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(io - table_once + table_reads + (num_v - 1) * qk_bytes + reread)),
+        # the token loop's iterations, and the last split's re-reading of the chunks before it (the
+        # rebuild loop)
+        work=LaunchWork(token_steps=per_split, rebuild_steps=(tiling.split - 1) * per_split, exp=0,
+                        bytes_min=io, bytes_moved=int(moved)),
         notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
     )  # fmt: skip
     return launch, out
 
 
 def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None = None):
-    """The backward kernel's launch and the tensors it writes (gradients or per-program partial sums)."""
+    """The backward's launch and the tensors it writes (gradients or per-program partial sums). With
+    ``tiling.passes == 2`` the walks run in two launches, dq first (the returned launch's prelude), then
+    dk and dv."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     tiling = (tiling or Tiling()).resolve(q, dv, backward=True)
@@ -193,7 +242,8 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
     else:  # one fp32 share per value block, summed by the caller
         dq, dk_ = torch.empty(num_v, *q.shape, **f32), torch.empty(num_v, *k.shape, **f32)
-    partials = (tiling.split, num_v, batch, heads)
+    passes = tiling.passes
+    partials = (passes * tiling.split, num_v, batch, heads)  # a launch's programs write a slice each
     grads = dict(dq=dq, dk=dk_, dv=torch.empty_like(v), dlog_decay=torch.empty(partials, **f32),
                  dtheta=torch.empty(*partials, dk // 2, **f32) if has_theta else None)  # fmt: skip
     programs = batch * num_v * tiling.split * heads
@@ -201,25 +251,44 @@ def backward_launch(dout, q, k, v, log_decay, theta=None, tiling: Tiling | None 
     size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     # at least: the inputs read once, the gradients written once in their dtype (not the shares)
     io = size(dout, q, k, v, q, k, v) + table_once
-    # each value block's programs read all of q and k and their block of v and dout, in both walks; they
-    # write dv and their dq/dk (fp32 shares when there are several, then read and summed by the op)
+    # each walk of each value block's programs reads all of q and k and their block of v and dout and the
+    # angle tables; the forward walk writes dq, the reverse walk dv and dk (fp32 shares when there are
+    # several value blocks, then read and summed by the op); a split re-reads k, v of the chunks before
+    # it (forward walk) and q, dout of the chunks after it (reverse walk). In several launches, each
+    # walks the chunks for its gradients.
     summed = size(dq, dk_) + size(q, k) if num_v > 1 else 0
-    moved = 2 * (num_v * size(q, k) + size(v, dout)) + size(dq, dk_, v) + summed
-    # a split re-reads k, v of the chunks before it and q, dout of the chunks after it
-    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks * size(dout, q, k, v)
-    launch = KernelLaunch(
-        _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
-        dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
-             dq_ptr=dq, dk_ptr=dk_, dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"],
-             dtheta_ptr=grads["dtheta"] if has_theta else grads["dlog_decay"], batch=batch, length=length,
-             heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
-        _constexprs(tiling, q, dv, has_theta), num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        # two walks over the chunks (forward for dq, reverse for dk and dv): the inputs and the angle
-        # tables are read twice
-        work=LaunchWork(token_steps=num_chunks if tiling.split > 1 else per_split, exp=0, bytes_min=io,
-                        bytes_moved=int(moved + 2 * table_reads + reread)),
-        notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
-    )  # fmt: skip
+    reads = num_v * size(q, k) + size(v, dout) + table_reads
+    reread = tiling.split * (tiling.split - 1) / 2 * per_split / num_chunks
+    reverse = reread * size(q, dout)
+    walks = {  # bytes moved by a launch computing (dq, dv, dk)
+        (True, True, True): 2 * reads + size(dq, dk_, v) + summed + reread * size(dout, q, k, v),
+        (True, False, False): reads + size(dq) + reread * size(k, v),
+        (False, True, True): reads + size(dk_, v) + summed + reverse,
+        (False, True, False): reads + reverse,  # q, k, dout read (v not), dv written: as many bytes
+        (False, False, True): reads + size(dk_) + summed + reverse,
+    }
+    shares = {1: [(True, True, True)], 2: [(True, False, False), (False, True, True)],
+              3: [(True, False, False), (False, True, False), (False, False, True)]}[passes]  # fmt: skip
+    launches = []
+    for index, (queries, values, keys) in enumerate(shares):
+        part = slice(index * tiling.split, (index + 1) * tiling.split)
+        moved = walks[queries, values, keys]
+        launches.append(KernelLaunch(
+            _retention_bwd_kernel, (batch * heads, num_v, tiling.split),
+            dict(q_ptr=q, k_ptr=k, v_ptr=v, log_decay_ptr=log_decay, cos_ptr=cos, sin_ptr=sin, do_ptr=dout,
+                 dq_ptr=dq, dk_ptr=dk_, dv_ptr=grads["dv"], dlog_decay_ptr=grads["dlog_decay"][part],
+                 dtheta_ptr=grads["dtheta"][part] if has_theta else grads["dlog_decay"], batch=batch,
+                 length=length, heads=heads, num_chunks=num_chunks, chunks_per_split=per_split),
+            {**_constexprs(tiling, q, dv, has_theta), "QUERIES": queries, "VALUES": values, "KEYS": keys},
+            num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+            # the rebuild loops read the chunks outside the split once (the shortest, last split has the
+            # most of them); every pass carries the op's floor (bytes_min)
+            work=LaunchWork(token_steps=per_split, rebuild_steps=(tiling.split - 1) * per_split, exp=0,
+                            bytes_min=io, bytes_moved=int(moved)),
+            notes={"tokens_per_iteration": tiling.chunk, "precision": tiling.precision},
+        ))  # fmt: skip
+    launch = launches[-1]
+    launch.prelude = tuple(launches[:-1])
     return launch, grads
 
 

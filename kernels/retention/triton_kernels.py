@@ -181,10 +181,13 @@ def _retention_bwd_kernel(
     batch, length, heads, num_chunks, chunks_per_split,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_THETA: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    QUERIES: tl.constexpr, VALUES: tl.constexpr, KEYS: tl.constexpr,
 ):  # fmt: skip
     """``dq_ptr``/``dk_ptr`` hold this value block's share (fp32 partials over value blocks, or the
     final tensors when there is one block); ``dv`` is complete per block; ``dlog_decay_ptr`` and
-    ``dtheta_ptr`` one partial sum per program."""
+    ``dtheta_ptr`` one partial sum per program. ``QUERIES``, ``VALUES``, ``KEYS``: the gradients this
+    launch computes (dq in the forward walk, dv and dk in the reverse walk): all, or a share each in two
+    or three launches (fewer live registers, for GPUs where one kernel spills)."""
     batch_head = tl.program_id(0)
     block_v = tl.program_id(1)
     split = tl.program_id(2)
@@ -214,69 +217,73 @@ def _retention_bwd_kernel(
     # values the tensor cores multiplied, rounded to DOT_DTYPE: half the bf16 error)
     grad_theta = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
 
-    # queries, first to last chunk: dq_i = sum_{j<=i} gamma^(i-j) (do_i . v_j) k_j + gamma^(i+1) do_i S^T
-    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
-    for chunk in range(0, first):
-        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
-        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
-        if HAS_THETA:
-            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
-            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
-            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
-        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
-    for chunk in range(first, last):
-        t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
-            q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
-            v_step, angle_step, length, offs_t, mask_k, mask_v, mask_p, HAS_THETA, BLOCK_T, BLOCK_P,
-        )  # fmt: skip
-        q = q.to(DOT_DTYPE)  # the rotated queries as the tensor cores take them (dtheta uses these)
-        grad_scores = _mm(do, tl.trans(v), None, DOT_DTYPE, PRECISION) * intra
-        dq = _mm(do, tl.trans(state), None, DOT_DTYPE, PRECISION) * query_weight[:, None]
-        dq = _mm(grad_scores, k, dq, DOT_DTYPE, PRECISION)
-        grad_log_decay += t.to(tl.float32) * tl.sum(q.to(tl.float32) * dq, axis=1)
-        if HAS_THETA:
-            q_even, q_odd = _pairs(q, BLOCK_T, BLOCK_P)
-            dq_even, dq_odd = _pairs(dq, BLOCK_T, BLOCK_P)
-            grad_theta += t.to(tl.float32)[:, None] * (dq_odd * q_even - dq_even * q_odd)
-            dq = _rotate(dq, cos, -sin, BLOCK_T, BLOCK_P)
-        tl.store(dq_ptr + qk_rows + chunk * qk_step, dq.to(dq_ptr.dtype.element_ty), mask=mask_tk)
-        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+    if QUERIES:  # the forward walk (this launch computes dq)
+        # queries, first to last chunk: dq_i = sum_{j<=i} gamma^(i-j) (do_i . v_j) k_j + gamma^(i+1) do_i S^T
+        state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
+        for chunk in range(0, first):
+            k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
+            v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
+            if HAS_THETA:
+                cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
+                sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
+                k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+            state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+        for chunk in range(first, last):
+            t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
+                q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
+                v_step, angle_step, length, offs_t, mask_k, mask_v, mask_p, HAS_THETA, BLOCK_T, BLOCK_P,
+            )  # fmt: skip
+            q = q.to(DOT_DTYPE)  # the rotated queries as the tensor cores take them (dtheta uses these)
+            grad_scores = _mm(do, tl.trans(v), None, DOT_DTYPE, PRECISION) * intra
+            dq = _mm(do, tl.trans(state), None, DOT_DTYPE, PRECISION) * query_weight[:, None]
+            dq = _mm(grad_scores, k, dq, DOT_DTYPE, PRECISION)
+            grad_log_decay += t.to(tl.float32) * tl.sum(q.to(tl.float32) * dq, axis=1)
+            if HAS_THETA:
+                q_even, q_odd = _pairs(q, BLOCK_T, BLOCK_P)
+                dq_even, dq_odd = _pairs(dq, BLOCK_T, BLOCK_P)
+                grad_theta += t.to(tl.float32)[:, None] * (dq_odd * q_even - dq_even * q_odd)
+                dq = _rotate(dq, cos, -sin, BLOCK_T, BLOCK_P)
+            tl.store(dq_ptr + qk_rows + chunk * qk_step, dq.to(dq_ptr.dtype.element_ty), mask=mask_tk)
+            state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
 
-    # keys and values, last to first chunk: dS = sum over later queries of gamma^(i+1) q_i^T do_i
-    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
-    for reverse in range(0, num_chunks - last):
-        chunk = num_chunks - 1 - reverse
-        mask_t = chunk * BLOCK_T + offs_t < length
-        q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        if HAS_THETA:
-            mask_tp = mask_t[:, None] & mask_p[None, :]
-            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
-            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
-            q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
-        state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
-    for reverse in range(0, last - first):
-        chunk = last - 1 - reverse
-        t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
-            q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
-            v_step, angle_step, length, offs_t, mask_k, mask_v, mask_p, HAS_THETA, BLOCK_T, BLOCK_P,
-        )  # fmt: skip
-        k = k.to(DOT_DTYPE)  # the rotated keys as the tensor cores take them (dtheta uses these)
-        scores_t = _mm(k, tl.trans(q), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
-        dv = _mm(k, state, None, DOT_DTYPE, PRECISION) * key_weight[:, None]
-        dv = _mm(scores_t, do, dv, DOT_DTYPE, PRECISION)
-        tl.store(dv_ptr + v_rows + chunk * v_step, dv.to(dv_ptr.dtype.element_ty), mask=mask_tv)
-        grad_scores_t = _mm(v, tl.trans(do), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
-        dk = _mm(v, tl.trans(state), None, DOT_DTYPE, PRECISION) * key_weight[:, None]
-        dk = _mm(grad_scores_t, q, dk, DOT_DTYPE, PRECISION)
-        grad_log_decay -= t.to(tl.float32) * tl.sum(k.to(tl.float32) * dk, axis=1)
-        if HAS_THETA:
-            k_even, k_odd = _pairs(k, BLOCK_T, BLOCK_P)
-            dk_even, dk_odd = _pairs(dk, BLOCK_T, BLOCK_P)
-            grad_theta += t.to(tl.float32)[:, None] * (dk_odd * k_even - dk_even * k_odd)
-            dk = _rotate(dk, cos, -sin, BLOCK_T, BLOCK_P)
-        tl.store(dk_ptr + qk_rows + chunk * qk_step, dk.to(dk_ptr.dtype.element_ty), mask=mask_tk)
-        state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
+    if VALUES or KEYS:  # the reverse walk
+        # keys and values, last to first chunk: dS = sum over later queries of gamma^(i+1) q_i^T do_i
+        state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
+        for reverse in range(0, num_chunks - last):
+            chunk = num_chunks - 1 - reverse
+            mask_t = chunk * BLOCK_T + offs_t < length
+            q = tl.load(q_ptr + qk_rows + chunk * qk_step, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            do = tl.load(do_ptr + v_rows + chunk * v_step, mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+            if HAS_THETA:
+                mask_tp = mask_t[:, None] & mask_p[None, :]
+                cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=1.0)
+                sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_tp, other=0.0)
+                q = _rotate(q, cos, sin, BLOCK_T, BLOCK_P)
+            state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
+        for reverse in range(0, last - first):
+            chunk = last - 1 - reverse
+            t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
+                q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
+                v_step, angle_step, length, offs_t, mask_k, mask_v, mask_p, HAS_THETA, BLOCK_T, BLOCK_P,
+            )  # fmt: skip
+            k = k.to(DOT_DTYPE)  # the rotated keys as the tensor cores take them (dtheta uses these)
+            if VALUES:
+                scores_t = _mm(k, tl.trans(q), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
+                dv = _mm(k, state, None, DOT_DTYPE, PRECISION) * key_weight[:, None]
+                dv = _mm(scores_t, do, dv, DOT_DTYPE, PRECISION)
+                tl.store(dv_ptr + v_rows + chunk * v_step, dv.to(dv_ptr.dtype.element_ty), mask=mask_tv)
+            if KEYS:
+                grad_scores_t = _mm(v, tl.trans(do), None, DOT_DTYPE, PRECISION) * intra_t  # [j, i]
+                dk = _mm(v, tl.trans(state), None, DOT_DTYPE, PRECISION) * key_weight[:, None]
+                dk = _mm(grad_scores_t, q, dk, DOT_DTYPE, PRECISION)
+                grad_log_decay -= t.to(tl.float32) * tl.sum(k.to(tl.float32) * dk, axis=1)
+                if HAS_THETA:
+                    k_even, k_odd = _pairs(k, BLOCK_T, BLOCK_P)
+                    dk_even, dk_odd = _pairs(dk, BLOCK_T, BLOCK_P)
+                    grad_theta += t.to(tl.float32)[:, None] * (dk_odd * k_even - dk_even * k_odd)
+                    dk = _rotate(dk, cos, -sin, BLOCK_T, BLOCK_P)
+                tl.store(dk_ptr + qk_rows + chunk * qk_step, dk.to(dk_ptr.dtype.element_ty), mask=mask_tk)
+            state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
 
     program = (split * tl.num_programs(1) + block_v) * tl.num_programs(0) + batch_head
     tl.store(dlog_decay_ptr + program, tl.sum(grad_log_decay, axis=0))
