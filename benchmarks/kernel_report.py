@@ -147,7 +147,8 @@ def judge_op(passes: list[dict], direction: str, small_batch: bool) -> list[dict
 def print_table(records: list[dict]) -> None:
     table = Table(title="Bandpass kernels, compiled ahead of time (estimates, not measurements)")
     for column in ("kernel", "dir", "arch", "model", "L", "batch", "dtype", "regs", "spill B", "smem B",
-                   "CTAs/SM", "instr/token", "est ms", "floor ms", "x floor", "op x floor", "bound", "ok"):  # fmt: skip
+                   "CTAs/SM", "instr/token", "est ms", "floor ms", "x floor", "op x floor", "bound",
+                   "ok"):  # fmt: skip
         table.add_column(column, justify="right" if column not in ("kernel", "model", "bound") else "left")
     for r in records:
         c = r["config"]

@@ -225,3 +225,25 @@ def test_estimate_credits_loads_issued_a_token_ahead():
     launch = _launch(132 * 4)
     assert aot.estimate(waiting, launch)["issue_ms"] == pytest.approx(100 * 700 / cycles_per_ms)
     assert aot.estimate(ahead, launch)["issue_ms"] == pytest.approx(100 * 600 / cycles_per_ms)
+
+
+def test_an_op_in_several_passes_is_judged_on_their_sum():
+    """Two passes of 1.6x the floor each are each under the 2x forward target, but the op (3.2x) is not."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernel_report
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    clean = dict(launchable=True, loop_local=0, spill_bytes=0, fills_gpu=True, floor_ms=1.0)
+    passes = [dict(clean, est_ms=1.6, vs_floor=1.6), dict(clean, est_ms=1.6, vs_floor=1.6)]
+    judged = kernel_report.judge_op(passes, "fwd", small_batch=False)
+    assert [r["meets_target"] for r in judged] == [False, False]
+    assert all(r["op_est_ms"] == pytest.approx(3.2) for r in judged)
+    assert all(r["op_vs_floor"] == pytest.approx(3.2) for r in judged)
+    one = kernel_report.judge_op([dict(clean, est_ms=1.6, vs_floor=1.6)], "fwd", small_batch=False)
+    assert one[0]["meets_target"]
+    spilling = [dict(clean, est_ms=0.5, vs_floor=0.5), dict(clean, est_ms=0.5, vs_floor=0.5, spill_bytes=8)]
+    assert not any(r["meets_target"] for r in kernel_report.judge_op(spilling, "fwd", small_batch=False))
+    # at the micro-batch of 2, the target is grids that fill the GPU, pass by pass
+    small = [dict(clean, est_ms=9.0, vs_floor=9.0), dict(clean, est_ms=9.0, vs_floor=9.0, fills_gpu=False)]
+    assert not any(r["meets_target"] for r in kernel_report.judge_op(small, "fwd", small_batch=True))
