@@ -247,3 +247,39 @@ def test_an_op_in_several_passes_is_judged_on_their_sum():
     # at the micro-batch of 2, the target is grids that fill the GPU, pass by pass
     small = [dict(clean, est_ms=9.0, vs_floor=9.0), dict(clean, est_ms=9.0, vs_floor=9.0, fills_gpu=False)]
     assert not any(r["meets_target"] for r in kernel_report.judge_op(small, "fwd", small_batch=True))
+
+
+def test_bench_scan_sets_an_op_in_several_launches_beside_the_sum_of_their_estimates(monkeypatch):
+    """bench_scan's estimate for a measured op is the sum over its launches (the split forward at a
+    micro-batch of 2 has a prelude pass), not its last launch's. Compiling is faked: each launch's
+    "estimate" is its number of programs."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_scan
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # bench_scan imports kernel_report lazily
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(aot, "available_archs", lambda: ["sm_80", "sm_90"])
+
+    def fake_record(launch, arch):
+        programs = 1
+        for size in launch.grid:
+            programs *= size
+        return {"est_ms": float(programs), "floor_ms": 1.0}
+
+    monkeypatch.setattr(aot, "report_record", fake_record)
+    case = bench_scan.Case("selective", "Mamba-B mixer", 2, 197, 1536, 16, 64)
+    fields = bench_scan._report_estimates(case, torch.bfloat16)
+    import kernel_report
+
+    from defocus_scale.kernels.launch import targeting
+
+    with targeting(90):
+        forward, backward = kernel_report.KERNELS["selective_scan"][1](1536, 197, 2, torch.bfloat16)
+    assert forward.prelude, "the micro-batch forward is expected to run in several launches"
+    for direction, launch in (("fwd", forward), ("bwd", backward)):
+        parts = (*launch.prelude, launch)
+        assert fields[f"est_{direction}_ms"] == sum(fake_record(part, "sm_90")["est_ms"] for part in parts)
