@@ -125,10 +125,21 @@ def step_throughput(
 
 PRODUCTION_VARIANTS = [("fp32", False), ("bf16", False), ("fp32", True)]
 PRODUCTION_NOTE = (
-    "CPU bf16 rows measure the correctness path only: without avx512_bf16/AMX, bf16 matmuls fall back to "
-    "slow kernels (a 1576x384 @ 384x1536 matmul measured 64x slower than fp32 on an AVX2 machine); bf16 "
-    "speed is a GPU figure (benchmarks/gpu_checks.sh)"
+    "CPU bf16 rows depend on the CPU: without avx512_bf16/AMX, bf16 matmuls fall back to slow kernels (a "
+    "1576x384 @ 384x1536 matmul measured 64x slower than fp32 on an AVX2 machine), with avx512_bf16 they are "
+    "faster than fp32 (5x for that matmul); the run's CPU flags are in cpu_bf16; bf16 speed that matters is "
+    "a GPU figure (benchmarks/gpu_checks.sh)"
 )
+
+
+def cpu_bf16_support() -> dict:
+    """What this CPU offers bf16 matmuls: torch's vector ISA and the bf16 flags of ``/proc/cpuinfo``."""
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: the flags are unknown
+        words = set()
+    flags = {flag: flag in words for flag in ("avx512_bf16", "amx_bf16")} if words else {}
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), **flags}
 
 
 def production_path(models: list[str], env, image_size: int, batch: int, steps: int) -> list[dict]:
@@ -382,7 +393,7 @@ def main() -> int:
         "peak_flops_per_device": peak, "peak_flops_source": peak_source,
         "flops_note": "FlopCounterMode, forward+backward of one sample: matmuls and convolutions only",
         "throughput": throughput, "production_path": production, "production_note": PRODUCTION_NOTE,
-        "save_blocking": saves,
+        "cpu_bf16": cpu_bf16_support(), "save_blocking": saves,
         "peak_memory": memory, "host_syncs": host_syncs,
         "memory_note": "CPU: peak RSS per process (includes ~0.8 GiB of torch and libraries per process); "
                        "GPU: torch.cuda.max_memory_allocated",
