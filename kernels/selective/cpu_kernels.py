@@ -226,21 +226,24 @@ def scan_fwd(u, delta, AT, B, C, y, bounds, threads, tile):
     ``tile``: channels per task (``tile_width``); ``threads``: how many threads to plan the tasks for."""
     batch, length, channels = u.shape
     n_state = AT.shape[0]
+    n_pad = -(-n_state // GROUP) * GROUP  # padded states: rate 0, B = C = 0, so state 0
     tiles = (channels + tile - 1) // tile
     tasks = batch * tiles
     chunks = min(tasks, 4 * threads)
     for chunk in numba.prange(chunks):
-        s = np.empty((n_state, tile), dtype=u.dtype)
-        a = np.zeros((n_state, tile), dtype=u.dtype)
-        a2 = np.zeros((n_state, tile), dtype=u.dtype)
+        s = np.empty((n_pad, tile), dtype=u.dtype)
+        a = np.zeros((n_pad, tile), dtype=u.dtype)
+        a2 = np.zeros((n_pad, tile), dtype=u.dtype)
         dt = np.empty(tile, dtype=u.dtype)
         xt = np.empty(tile, dtype=u.dtype)
         acc = np.empty(tile, dtype=u.dtype)
+        bt = np.zeros(n_pad, dtype=u.dtype)  # B_t and C_t (0 for padded states)
+        ct = np.zeros(n_pad, dtype=u.dtype)
         for task in range(chunk * tasks // chunks, (chunk + 1) * tasks // chunks):
             b, e0 = task // tiles, (task % tiles) * tile
             width = min(tile, channels - e0)
             _load_rates(AT, e0, width, a, a2)
-            for n in range(n_state):
+            for n in range(n_pad):
                 for i in range(tile):
                     s[n, i] = 0
             for t in range(length):
@@ -251,14 +254,20 @@ def scan_fwd(u, delta, AT, B, C, y, bounds, threads, tile):
                             bound[i] = s[n, i]
                 _load_tile(delta, b, t, e0, width, dt, tile)
                 _load_tile(u, b, t, e0, width, xt, tile)
+                for n in range(n_state):
+                    bt[n], ct[n] = B[b, t, n], C[b, t, n]
                 for i in range(tile):
                     xt[i] = dt[i] * xt[i]  # the input delta_t u_t
                     acc[i] = 0
-                for n in range(n_state):
-                    bn, cn = B[b, t, n], C[b, t, n]
+                for n0 in range(0, n_pad, GROUP):  # two states per pass: dt, xt and acc once for both
+                    n1 = n0 + 1
+                    b0, b1, c0, c1 = bt[n0], bt[n1], ct[n0], ct[n1]
                     for i in range(tile):
-                        s[n, i] = _decay(dt[i], a[n, i], a2[n, i]) * s[n, i] + xt[i] * bn
-                        acc[i] += cn * s[n, i]
+                        s0 = _decay(dt[i], a[n0, i], a2[n0, i]) * s[n0, i] + xt[i] * b0
+                        s1 = _decay(dt[i], a[n1, i], a2[n1, i]) * s[n1, i] + xt[i] * b1
+                        s[n0, i] = s0
+                        s[n1, i] = s1
+                        acc[i] += c0 * s0 + c1 * s1
                 yt = y[b, t, e0 : e0 + width]
                 for i in range(width):
                     yt[i] = acc[i]
