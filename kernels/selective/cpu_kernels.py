@@ -20,7 +20,9 @@ at the base shapes on one thread, tiles of 256 channels took about 0.7x the time
 Backward without a full-length scratch: the forward saves the state at the start of every ``CHUNK``
 tokens (``bounds``, 1/CHUNK of the states); the backward recomputes one chunk's states and decays from
 its bound, ``GROUP`` states at a time, into a scratch of ``GROUP x 2 x 17 x tile`` floats (L1), then runs
-those states' adjoint over that chunk.
+those states' adjoint over that chunk. Both directions take ``GROUP`` (2) states per pass of their inner
+loops, so that what a pass shares between states (``delta``, ``delta u``, ``dy``, the sums over states)
+is loaded and stored once for both; a task's strided rows are prefetched ahead (``_prefetch_row``).
 
 Channel indices: a task's rows are taken as slices (``x[b, t, e0 : e0 + width]``) and indexed from 0.
 Indexed as ``x[b, t, e0 + i]``, numba cannot prove the index non-negative, keeps its wraparound select,
