@@ -12,9 +12,16 @@ arrays, the scan kernel's own ``exp``; best of before and after the rows), times
 count: per (token, channel, state) update the forward needs one ``exp`` and 6 flops, the backward 15
 more flops (the adjoint and the five gradients) if it could reuse the forward's decays and states. The
 ``cpu`` kernel recomputes them instead (one more ``exp`` and 3 flops: storing them would move 8 bytes
-per update through memory), so the JSON also states that "recompute" floor. Floors ignore memory traffic
-and the rotary and epilogue around the scan: the ``selective_scan_raw`` rows time the scan alone, the
-``selective_scan`` rows the whole operator (rotary, scan, group norm, ``D``, gate).
+per update through memory), so the JSON also states that "recompute" floor. The strict floor is no floor
+an algorithm can reach here: reading the forward's decays and states means writing them (2 x 4 bytes per
+update) and reading them back, 16 bytes per update through memory. So the JSON also measures this
+machine's memory bandwidth (a copy between two 64 MiB arrays on all the threads, bytes read plus bytes
+written per second; best of before and after the rows, as the rest) and states the store floor (the strict
+one plus that traffic at that bandwidth) and the stated floor, the lower of the store and the recompute
+floors: what the best of the two algorithms could reach. The floors ignore the compulsory traffic (the
+inputs, outputs and chunk bounds, alike in both algorithms) and the rotary and epilogue around the scan:
+the ``selective_scan_raw`` rows time the scan alone, the ``selective_scan`` rows the whole operator
+(rotary, scan, group norm, ``D``, gate).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from defocus_scale.kernels.selective.reference import selective_scan_torch  # no
 FWD_FLOPS, BWD_FLOPS = 6, 15
 RECOMPUTE_FLOPS = 3  # the backward recomputing a state: delta A, then decay * s + x B (and one exp)
 _LANE = 4096  # fp32 elements per thread in the micro-benchmarks: 16 KiB, L1-resident like the scan's state
+STORE_BYTES = 2 * 4 * 2  # per update, to read the forward's decay and state: fp32, written then read back
+_STREAM = 1 << 24  # fp32 elements per array in the bandwidth micro-benchmark: 64 MiB, far beyond the caches
 
 
 @numba.njit(parallel=True, fastmath=cpu_kernels._FASTMATH)
@@ -78,6 +87,14 @@ def _fma_kernel(threads, repeats):
     return total
 
 
+@numba.njit(parallel=True)
+def _copy_kernel(src, dst, threads):
+    # one contiguous slice per thread, as the scan's tasks stream their rows
+    for w in numba.prange(threads):
+        for i in range(w * src.shape[0] // threads, (w + 1) * src.shape[0] // threads):
+            dst[i] = src[i]
+
+
 def _best_rate(kernel, count: int, repeats: int = 5) -> float:
     kernel()  # compile and warm up
     best = float("inf")
@@ -97,19 +114,27 @@ def measure_floor(updates: int, threads: int) -> dict:
     exp_rate = threads * _best_rate(lambda: _exp_kernel(1, reps), _LANE * reps)
     fma_rate = threads * 2 * _best_rate(lambda: _fma_kernel(1, reps), _LANE * reps)
     numba.set_num_threads(threads)
+    # bandwidth is shared by the cores, so measured on all the threads at once (not per core times threads)
+    src, dst = np.ones(_STREAM, np.float32), np.zeros(_STREAM, np.float32)
+    bandwidth = _best_rate(lambda: _copy_kernel(src, dst, threads), 2 * 4 * _STREAM)
     fwd = updates / exp_rate + updates * FWD_FLOPS / fma_rate
+    strict = fwd + updates * BWD_FLOPS / fma_rate
+    recompute = fwd + updates / exp_rate + updates * (BWD_FLOPS + RECOMPUTE_FLOPS) / fma_rate
+    store = strict + updates * STORE_BYTES / bandwidth
     return {
         "threads": threads, "updates": updates,
         "exp_per_s": exp_rate, "exp_per_s_per_thread": exp_rate / threads,
         "flop_per_s": fma_rate, "flop_per_s_per_thread": fma_rate / threads,
         "flops_per_update_forward": FWD_FLOPS, "flops_per_update_backward": BWD_FLOPS,
         "forward_ms": fwd * 1e3,
-        "forward_backward_ms": (fwd + updates * BWD_FLOPS / fma_rate) * 1e3,
+        "forward_backward_ms": strict * 1e3,
         # the same with the backward recomputing the states instead of reading them (what the ``cpu``
         # kernel does, since storing them would move 2 x 4 bytes per update through memory)
-        "forward_backward_recompute_ms": (
-            fwd + updates / exp_rate + updates * (BWD_FLOPS + RECOMPUTE_FLOPS) / fma_rate
-        ) * 1e3,
+        "forward_backward_recompute_ms": recompute * 1e3,
+        # the strict floor plus the memory traffic its stored decays and states need (module docstring)
+        "memory_bytes_per_s": bandwidth, "store_bytes_per_update": STORE_BYTES,
+        "forward_backward_store_ms": store * 1e3,
+        "forward_backward_stated_ms": min(store, recompute) * 1e3,
     }  # fmt: skip
 
 
@@ -217,7 +242,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # measured again after the rows (load on a shared machine varies): the faster of the two, the lower floor
     again = measure_floor(floor["updates"], floor["threads"])
+    bandwidth = max(floor["memory_bytes_per_s"], again["memory_bytes_per_s"])
     floor = min(floor, again, key=lambda f: f["forward_backward_ms"])
+    floor["memory_bytes_per_s"] = bandwidth  # the best of the two as well (see the module docstring)
+    floor["forward_backward_store_ms"] = (
+        floor["forward_backward_ms"] + floor["updates"] * STORE_BYTES / bandwidth * 1e3
+    )
+    floor["forward_backward_stated_ms"] = min(
+        floor["forward_backward_store_ms"], floor["forward_backward_recompute_ms"]
+    )
     scan_ops = ("selective_scan", "selective_scan_raw")
     scan_rows = [row for row in rows if row["operator"] in scan_ops]
     for row in scan_rows:  # the ratios the issue's targets are stated in, within one operator's rows
@@ -228,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         row["over_floor_forward"] = row["forward_ms"] / floor["forward_ms"]
         row["over_floor_forward_backward"] = total / floor["forward_backward_ms"]
         row["over_recompute_floor_forward_backward"] = total / floor["forward_backward_recompute_ms"]
+        row["over_stated_floor_forward_backward"] = total / floor["forward_backward_stated_ms"]
 
     table = Table(title=f"fast vs naive operators on CPU ({torch.get_num_threads()} threads)")
     columns = ("shape", "backend", "fwd ms", "bwd ms", "naive fwd ms", "naive bwd ms", "fwd x", "fwd+bwd x")
@@ -243,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     scan_table = Table(title="selective scan vs the torch form and the measured floor")
     for column in ("operator", "backend", "fwd ms", "fwd+bwd ms", "torch / this fwd", "torch / this fwd+bwd",
-                   "this / floor fwd", "this / floor fwd+bwd", "this / recompute floor"):  # fmt: skip
+                   "this / floor fwd", "this / floor fwd+bwd", "this / recompute floor",
+                   "this / stated floor"):  # fmt: skip
         scan_table.add_column(column, justify="left" if column in ("operator", "backend") else "right")
     for row in scan_rows:
         scan_table.add_row(
@@ -252,18 +287,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['vs_torch_forward']:.2f}", f"{row['vs_torch_forward_backward']:.2f}",
             f"{row['over_floor_forward']:.2f}", f"{row['over_floor_forward_backward']:.2f}",
             f"{row['over_recompute_floor_forward_backward']:.2f}",
+            f"{row['over_stated_floor_forward_backward']:.2f}",
         )  # fmt: skip
     naive = next(r for r in scan_rows if r["operator"] == "selective_scan")
-    scan_table.add_row("selective_scan", "naive", f"{naive['naive_forward_ms']:.1f}",
-                       f"{naive['naive_forward_ms'] + naive['naive_backward_ms']:.1f}", "", "", "", "", "")
+    scan_table.add_row(
+        "selective_scan", "naive", f"{naive['naive_forward_ms']:.1f}",
+        f"{naive['naive_forward_ms'] + naive['naive_backward_ms']:.1f}", *[""] * 6,
+    )  # fmt: skip
     scan_table.add_row(
         "(scan alone)", "floor", f"{floor['forward_ms']:.1f}", f"{floor['forward_backward_ms']:.1f}",
         "", "", "1.00", "1.00", f"{floor['forward_backward_recompute_ms']:.1f} ms",
+        f"{floor['forward_backward_stated_ms']:.1f} ms",
     )  # fmt: skip
     console.print(scan_table)
     print(f"floor: {floor['exp_per_s_per_thread'] / 1e9:.2f} G exp/s and "
           f"{floor['flop_per_s_per_thread'] / 1e9:.1f} G flop/s per thread, {floor['threads']} threads, "
-          f"{floor['updates'] / 1e6:.1f} M updates")  # fmt: skip
+          f"{floor['updates'] / 1e6:.1f} M updates; memory {floor['memory_bytes_per_s'] / 1e9:.1f} GB/s: "
+          f"store floor {floor['forward_backward_store_ms']:.1f} ms, recompute floor "
+          f"{floor['forward_backward_recompute_ms']:.1f} ms, stated floor (the lower) "
+          f"{floor['forward_backward_stated_ms']:.1f} ms")  # fmt: skip
     payload = {"rows": rows, "selective_scan_floor": floor}
     path = write_result("bench_ops_cpu_smoke" if args.smoke else "bench_ops_cpu", payload, args.out)
     print(f"wrote {path}")
