@@ -381,6 +381,39 @@ def test_selective_scan_backward_production_tile(monkeypatch, state, min_program
     )  # fmt: skip
 
 
+@kernels_run_here
+@pytest.mark.parametrize("capability", [80, 100])
+@pytest.mark.parametrize("group_size,block,state", [(64, 64, 16), (64, 64, 12), (4, 4, 4)])
+def test_selective_scan_backward_other_schedules(monkeypatch, capability, group_size, block, state):
+    """The backward as built for sm_80 and sm_100 (``TOKEN_BARRIER``: a barrier a token, loads masked
+    past the end; sm_100 without ``FMA_CHAINS``) also computes the reference's gradients; the
+    interpreter otherwise runs sm_90's (loads of the last token past the end, ``delta`` and ``dout``
+    zeroed there): 13 tokens end mid-group."""
+    monkeypatch.setattr(selective_triton, "target_capability", lambda device: capability)
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=group_size, chunk_size=8, block_channels=block),
+        lambda **t: selective_scan_naive(**t, group_size=group_size),
+        _scan_inputs(2, 13, 2 * block, state), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+def test_selective_backward_schedule_follows_the_target():
+    """Each GPU's schedule; an unknown device (the interpreter) gets sm_90's."""
+    from defocus_scale.kernels.launch import targeting
+
+    def schedule():
+        act = torch.empty(2, 13, 128, device="meta")
+        A, B = torch.empty(128, 16, device="meta"), torch.empty(2, 13, 16, device="meta")
+        boundary = torch.empty(2, 2, 16, 128, device="meta")
+        launch, _ = selective_triton.backward_launch(act, act, act, A, B, B, None, act, boundary, 64, 8, 64)
+        return launch.constexprs["TOKEN_BARRIER"], launch.constexprs["FMA_CHAINS"]
+
+    assert schedule() == (False, True)
+    for capability, expected in ((80, (True, True)), (90, (False, True)), (100, (True, False))):
+        with targeting(capability):
+            assert schedule() == expected
+
+
 @pytest.mark.parametrize("channels", [768, 1536, 2048])
 def test_selective_backward_grid_fills_the_gpu(channels):
     """The production backward launches (meta tensors, nothing runs): at the micro-batch of 2 the

@@ -20,7 +20,7 @@ import os
 import torch
 
 from .. import autotune
-from ..launch import KernelLaunch, LaunchWork
+from ..launch import KernelLaunch, LaunchWork, target_capability
 from ..rotary import published_rotary
 from .naive import mamba_epilogue
 from .triton_bwd_kernels import _selective_scan_bwd_kernel
@@ -284,6 +284,7 @@ def backward_launch(
     tile_states = layout.block_n * layout.block_e
     num_warps = max(1, min(layout.block_n, tile_states // 512)) if num_warps is None else num_warps
     e_lo = min(layout.block_e, 32)
+    capability = target_capability(u.device) or 90
     f32 = dict(dtype=torch.float32, device=u.device)
     grads = dict(
         du=torch.empty(u.shape, dtype=u.dtype, device=u.device), ddelta=torch.empty_like(delta),
@@ -315,6 +316,8 @@ def backward_launch(
         channels=channels, HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, CARRY_PASS=False,
         CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, E_HI=layout.block_e // e_lo, E_LO=e_lo,
         BLOCK_N=layout.block_n, CHUNK=chunk_size, GROUP=group, SPLITS=splits, WARPS=num_warps,
+        # the schedule for the GPU (see the kernel); an unknown one (the interpreter) gets sm_90's
+        TOKEN_BARRIER=capability != 90, FMA_CHAINS=capability < 100,
     )  # fmt: skip
     grid = (batch, layout.num_tiles, splits)
     token_steps = chunks_per_split * chunk_size // group  # iterations of each loop: a group of tokens each

@@ -9,9 +9,10 @@ values are ``(E_HI, 1, WARPS, E_LO)`` (each warp loads and keeps its copy) and p
 arithmetic needs it, with no layout conversion through shared memory in the token loops. The
 gradients that sum over channels (``B``, ``C``) and the group norm's sums stay inside a warp
 (shuffles; at the production tile ``dB`` and ``dC`` are reduce-scattered over the lanes, see
-``_store_scattered``: 4 exchanges and a butterfly step instead of 16 butterfly sums); only the sums
-over the state cross warps: the read-out, and the gradients of ``u`` and ``delta`` (one shared-memory
-exchange for the two).
+``_store_scattered``: 4 exchanges, each a warp-local gather, and a butterfly step instead of 16
+butterfly sums; the norm's two sums share one pass, ``_channel_sums``); only the sums over the state
+cross warps: the read-out, and the gradients of ``u`` and ``delta`` (one shared-memory exchange for the
+two), each after a chain of FMAs over the thread's states (``_state_dot``).
 
 States in reverse order without storing them all: the forward keeps the state at the end of every
 ``CHUNK`` tokens. The backward walks its segment's chunks last to first. For a chunk it (1) recomputes
@@ -29,8 +30,9 @@ segments to its right into its incoming carry and computes the gradients. No ato
 reduce over channels (``B``, ``C``) or over tokens (``A``, ``D``) are per-program partial sums that the
 caller reduces.
 
-Tokens past the end of the sequence load as ``u = delta = dout = 0``: a step is then the identity and
-contributes nothing, so chunks need no tail handling. Everything is computed in fp32; ``A`` arrives as
+Tokens past the end of the sequence have ``delta = dout = 0`` (their loads read the last token, or, in
+sm_80's low-register schedule, are masked to zeros): a step is then the identity and contributes
+nothing, so chunks need no tail handling. Everything is computed in fp32; ``A`` arrives as
 ``A log2(e)``, ``(state, channels)``, so a decay is one ``exp2``.
 """
 
@@ -53,13 +55,38 @@ def _per_thread(base, thread_part, register_part):
 
 
 @triton.jit
-def _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live, channels,
-                  STATE: tl.constexpr):  # fmt: skip
-    """A token's ``u`` and ``delta`` (per channel, fp32) and ``B`` (per state); zeros past the end."""
-    u = tl.load(_per_thread(u_ptr + row * channels, *offs_e), mask=mask_e & live, other=0.0).to(tl.float32)
-    delta = tl.load(_per_thread(delta_ptr + row * channels, *offs_e), mask=mask_e & live, other=0.0)
-    delta = delta.to(tl.float32)
-    b = tl.load(_per_thread(B_ptr + row * STATE, *offs_n), mask=mask_n & live, other=0.0)
+def _load(ptr, mask, live, FULL: tl.constexpr, MASKED: tl.constexpr):
+    """A token's load: masked by ``live`` (zeros past the end) when ``MASKED``, else of a token in the
+    sequence (clamped by the caller), and then masked only where the block is not full (a masked load
+    zeroes its register first)."""
+    if MASKED:
+        return tl.load(ptr, mask=mask & live, other=0.0)
+    elif FULL:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _past_the_end_zero(x, live, MASKED: tl.constexpr):
+    """``x``, or 0 past the end (where a masked load already read 0)."""
+    if MASKED:
+        return x
+    else:
+        return tl.where(live, x, 0.0)
+
+
+@triton.jit
+def _token_inputs(u_seq, delta_seq, B_seq, tok, live, offs_e, mask_e, offs_n, mask_n, channels,
+                  STATE: tl.constexpr, FULL_E: tl.constexpr, FULL_N: tl.constexpr,
+                  MASKED: tl.constexpr):  # fmt: skip
+    """A token's ``u`` and ``delta`` (per channel, fp32) and ``B`` (per state). Past the end ``delta``
+    is 0, which makes the step the identity (``u`` and ``B`` enter only through products with it); the
+    loads there are either masked (``MASKED``) or of the last token (``tok`` clamped by the caller)."""
+    u = _load(_per_thread(u_seq + tok * channels, *offs_e), mask_e, live, FULL_E, MASKED).to(tl.float32)
+    delta = _load(_per_thread(delta_seq + tok * channels, *offs_e), mask_e, live, FULL_E, MASKED)
+    delta = _past_the_end_zero(delta.to(tl.float32), live, MASKED)
+    b = _load(_per_thread(B_seq + tok * STATE, *offs_n), mask_n, live, FULL_N, MASKED)
     return u, delta, b
 
 
@@ -67,6 +94,61 @@ def _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, 
 def _channel_sum(x):
     """Sum over the channels (axes 0 and 3: registers, then lanes), per state and warp."""
     return tl.sum(tl.sum(x, axis=0, keep_dims=True), axis=3, keep_dims=True)
+
+
+@triton.jit
+def _channel_sums(a, b):
+    """``(_channel_sum(a), _channel_sum(b))`` in one pass over the lanes: the pair is reduce-scattered
+    over lane bit 0 (one exchange), summed over the other lane bits (a butterfly of one value), then
+    swapped back (one shuffle): 1 + log2(lanes) shuffles where two butterflies take 2 log2(lanes)."""
+    E_LO: tl.constexpr = a.shape[3]
+    a = tl.sum(a, axis=0, keep_dims=True)
+    b = tl.sum(b, axis=0, keep_dims=True)
+    if E_LO == 1:
+        return a, b
+    lane = tl.arange(0, E_LO)[None, None, None, :]
+    x = _exchange(a, b, lane, 0)  # lanes with bit 0 clear: a's pair sums, the others b's
+    halves: tl.constexpr = (1, 1, a.shape[2], E_LO // 2, 2)
+    x = tl.reshape(tl.broadcast_to(tl.sum(tl.reshape(x, halves), axis=3, keep_dims=True), halves), x.shape)
+    other = tl.gather(x, tl.broadcast_to(lane ^ 1, x.shape), 3)
+    even = (lane & 1) == 0
+    return tl.where(even, x, other), tl.where(even, other, x)
+
+
+@triton.jit
+def _state_dot(x, y, CHAIN: tl.constexpr):
+    """``sum(x * y, axis=1)`` (over the thread's states, kept as a dimension of 1) as one chain of FMAs
+    (``CHAIN``): a sum's tree costs a multiply per pair of leaves on top. (sm_100 pairs a tree's
+    independent multiplies and adds into two-wide instructions: there the tree is shorter.)"""
+    SPW: tl.constexpr = x.shape[1]
+    if (SPW != 8) | (not CHAIN):
+        return tl.sum(x * y, axis=1, keep_dims=True)
+    shape: tl.constexpr = (x.shape[0], x.shape[2], x.shape[3], 2, 2, 2)
+    x = tl.reshape(tl.permute(tl.broadcast_to(x, x.shape), (0, 2, 3, 1)), shape)
+    y = tl.reshape(tl.permute(tl.broadcast_to(y, x.shape[:1] + (8,) + x.shape[1:3]), (0, 2, 3, 1)), shape)
+    x0, x1 = tl.split(x)
+    y0, y1 = tl.split(y)
+    x00, x01 = tl.split(x0)
+    x10, x11 = tl.split(x1)
+    y00, y01 = tl.split(y0)
+    y10, y11 = tl.split(y1)
+    a, b = tl.split(x00)
+    c, d = tl.split(y00)
+    acc = a * c
+    acc = tl.fma(b, d, acc)
+    a, b = tl.split(x01)
+    c, d = tl.split(y01)
+    acc = tl.fma(a, c, acc)
+    acc = tl.fma(b, d, acc)
+    a, b = tl.split(x10)
+    c, d = tl.split(y10)
+    acc = tl.fma(a, c, acc)
+    acc = tl.fma(b, d, acc)
+    a, b = tl.split(x11)
+    c, d = tl.split(y11)
+    acc = tl.fma(a, c, acc)
+    acc = tl.fma(b, d, acc)
+    return tl.expand_dims(acc, 1)
 
 
 @triton.jit
@@ -78,14 +160,14 @@ def _pair_sum(w, PAIRS_SHAPE: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _exchange(v0, v1, lane, BIT: tl.constexpr, PAIRS_SHAPE: tl.constexpr, AXIS: tl.constexpr):
-    """One level of a reduce-scatter over the lanes: a lane whose bit ``BIT`` is 0 gets its ``v0`` plus
-    its partner's (the lane differing in that bit), the other its ``v1`` plus the partner's. One
-    exchange for two values, where all-reducing both takes two: the partner's value is the pair's sum
-    less one's own, so the result carries the rounding of that sum."""
+def _exchange(v0, v1, lane, BIT: tl.constexpr):
+    """One level of a reduce-scatter over the lanes (the last axis): a lane whose bit ``BIT`` is 0 gets
+    its ``v0`` plus its partner's (the lane differing in that bit), the other its ``v1`` plus the
+    partner's: one shuffle (a gather within the warp) for two values, where all-reducing both takes two."""
     bit = (lane >> BIT) & 1
-    pair = _pair_sum(tl.where(bit == 0, v1, v0), PAIRS_SHAPE, AXIS)  # what the partner keeps, summed
-    return pair + (1 - 2 * bit).to(tl.float32) * (v0 - v1)
+    send = tl.where(bit == 0, v1, v0)
+    partner = tl.broadcast_to(lane ^ (1 << BIT), send.shape)
+    return tl.where(bit == 0, v0, v1) + tl.gather(send, partner, len(send.shape) - 1)
 
 
 @triton.jit
@@ -94,15 +176,15 @@ def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: t
     exchanges of pairs, 16 values to 1 a lane, then 1 butterfly step) instead of 16 butterfly sums of
     5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; lanes in pairs store once."""
     lane = tl.arange(0, 32)[None, None, None, :]
-    x = _exchange(db, dc, lane, 4, (1, 8, WARPS, 1, 2, 16), 4)  # (1, 8, WARPS, 32)
+    x = _exchange(db, dc, lane, 4)  # (1, 8, WARPS, 32)
     lane = tl.arange(0, 32)[None, None, :]
     h0, h1 = tl.split(tl.permute(tl.reshape(x, (2, 4, WARPS, 32)), (1, 2, 3, 0)))
-    x = _exchange(h0, h1, lane, 3, (4, WARPS, 2, 2, 8), 3)  # (4, WARPS, 32)
+    x = _exchange(h0, h1, lane, 3)  # (4, WARPS, 32)
     h0, h1 = tl.split(tl.permute(tl.reshape(x, (2, 2, WARPS, 32)), (1, 2, 3, 0)))
-    x = _exchange(h0, h1, lane, 2, (2, WARPS, 4, 2, 4), 3)  # (2, WARPS, 32)
+    x = _exchange(h0, h1, lane, 2)  # (2, WARPS, 32)
     lane = tl.arange(0, 32)[None, :]
     h0, h1 = tl.split(tl.permute(x, (1, 2, 0)))
-    x = _exchange(h0, h1, lane, 1, (WARPS, 8, 2, 2), 2)  # (WARPS, 32)
+    x = _exchange(h0, h1, lane, 1)  # (WARPS, 32)
     x = _pair_sum(x, (WARPS, 16, 2), 2)
     state = (
         tl.arange(0, WARPS)[:, None] * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1)
@@ -118,55 +200,69 @@ def _state_step(s, A, u, delta, b):
 
 
 @triton.jit
+def _token_step(s, A, t, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e, offs_n, mask_n, channels,
+                STATE: tl.constexpr, FULL_E: tl.constexpr, FULL_N: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+    """The state after token ``t`` from the one before it (the identity past the end). The inputs'
+    pointers are ``first`` tokens before the sequence's start."""
+    tok = first + (t if MASKED else tl.minimum(t, length - 1))
+    u, delta, b = _token_inputs(u_seq, delta_seq, B_seq, tok, t < length, offs_e, mask_e, offs_n, mask_n,
+                                channels, STATE, FULL_E, FULL_N, MASKED)  # fmt: skip
+    return _state_step(s, A, u, delta, b)
+
+
+@triton.jit
 def _adjoint_step(
-    s, grad_carry, dA, dD, A, D, row, live, tile, num_tiles, channels, offs_e, mask_e, offs_n, mask_n,
-    first_warp, first_lane, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr,
+    s, grad_carry, dA, dD, A, D, row, tok, live, tile, num_tiles, channels, offs_e, mask_e, offs_n, mask_n,
+    first_warp, first_lane, u_seq, delta_seq, B_seq, C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr, dz_ptr,
     dB_ptr, dC_ptr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
-    STATE: tl.constexpr, SCATTER: tl.constexpr, WARPS: tl.constexpr,
+    STATE: tl.constexpr, SCATTER: tl.constexpr, WARPS: tl.constexpr, FULL_E: tl.constexpr,
+    FULL_N: tl.constexpr, MASKED: tl.constexpr, FMA_CHAINS: tl.constexpr,
 ):  # fmt: skip
     """One token of the adjoint, given its state ``s_t`` and the carry ``exp(delta_{t+1} A) g_{t+1}``:
     stores the token's gradients, returns the carry for the token before and the running ``dA``, ``dD``."""
-    # A barrier per token keeps the compiler from holding a group's later tokens' loads in registers
-    # across the group: without it sm_80 spills (a few bytes; sm_90 does not).
-    tl.debug_barrier()
+    if MASKED:  # (see the kernel's TOKEN_BARRIER)
+        tl.debug_barrier()
     mask_te = mask_e & live
-    u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, row, offs_e, mask_e, offs_n, mask_n, live,
-                                channels, STATE)  # fmt: skip
+    # loads read token ``tok`` (clamped to the sequence); past the end ``delta`` and ``dout`` are 0, so
+    # the token's step is the identity and each of its gradients 0 (and its stores are masked)
+    u, delta, b = _token_inputs(u_seq, delta_seq, B_seq, tok, live, offs_e, mask_e, offs_n, mask_n, channels,
+                                STATE, FULL_E, FULL_N, MASKED)  # fmt: skip
     delta_u = delta * u
-    dout = tl.load(_per_thread(dout_ptr + row * channels, *offs_e), mask=mask_te, other=0.0).to(tl.float32)
-    c = tl.load(_per_thread(C_ptr + row * STATE, *offs_n), mask=mask_n & live, other=0.0)
+    dout = _load(_per_thread(dout_seq + tok * channels, *offs_e), mask_e, live, FULL_E, MASKED)
+    dout = _past_the_end_zero(dout.to(tl.float32), live, MASKED)
+    c = _load(_per_thread(C_seq + tok * STATE, *offs_n), mask_n, live, FULL_N, MASKED)
 
     # epilogue backward: out = (norm(y) + D u) * silu(z). The read-out sums the thread's states, then
     # the warps' (one exchange); per-channel values are then held by every warp (broadcast over WARPS)
-    y = tl.sum(tl.sum(s * c, axis=1, keep_dims=True), axis=2, keep_dims=True)
+    y = tl.sum(_state_dot(s, c, FMA_CHAINS), axis=2, keep_dims=True)
     y = tl.broadcast_to(y, u.shape)
-    rstd = 1.0
-    if GROUP_SIZE > 0:
-        # each warp sums its own copy of the group: lanes only
-        rstd = tl.rsqrt(_channel_sum(y * y) / GROUP_SIZE + NORM_EPS)
-    y_normed = y * rstd
     grad_pre_gate = dout
     if HAS_Z:
-        z = tl.load(_per_thread(z_ptr + row * channels, *offs_e), mask=mask_te, other=0.0).to(tl.float32)
-        # sigmoid with the approximate division (2 ulp): the IEEE one calls a slow-path subroutine, and
-        # the call spills the registers live across it
-        gate = tl.fdiv(1.0, 1.0 + tl.exp2(-1.4426950408889634 * z))
-        if not CARRY_PASS:
-            pre_gate = y_normed
-            if HAS_D:
-                pre_gate += u * D
-            dz = dout * pre_gate * gate * (1.0 + z * (1.0 - gate))
-            tl.store(
-                _per_thread(dz_ptr + row * channels, *offs_e),
-                dz.to(dz_ptr.dtype.element_ty),
-                mask=mask_te & first_warp,
-            )
+        z = _load(_per_thread(z_seq + tok * channels, *offs_e), mask_e, live, FULL_E, MASKED).to(tl.float32)
+        # sigmoid as the square of a reciprocal square root (MUFU.RSQ, a few ulp): a division, even the
+        # approximate one, adds a range check and two scalings; the IEEE one calls a slow-path subroutine
+        root = tl.rsqrt(1.0 + tl.exp2(-1.4426950408889634 * z))
+        gate = root * root
         grad_pre_gate = dout * z * gate
+    y_normed = y
     dy = grad_pre_gate
     if GROUP_SIZE > 0:
-        mean = _channel_sum(grad_pre_gate * y_normed) / GROUP_SIZE
+        # each warp sums its own copy of the group (lanes only); both sums in one pass:
+        # mean(grad_pre_gate * y_normed) = rstd * mean(grad_pre_gate * y)
+        sum_squares, sum_grad = _channel_sums(y * y, grad_pre_gate * y)
+        rstd = tl.rsqrt(sum_squares / GROUP_SIZE + NORM_EPS)
+        y_normed = y * rstd
+        mean = sum_grad * rstd / GROUP_SIZE
         dy = rstd * (grad_pre_gate - y_normed * mean)
+    if HAS_Z and not CARRY_PASS:
+        pre_gate = y_normed
+        if HAS_D:
+            pre_gate += u * D
+        dz = dout * pre_gate * gate * (1.0 + z * (1.0 - gate))
+        dz_at = _per_thread(dz_ptr + row * channels, *offs_e)
+        tl.store(dz_at, dz.to(dz_ptr.dtype.element_ty), mask=mask_te & first_warp)
 
     # the scan's backward
     g = grad_carry + c * dy
@@ -175,8 +271,8 @@ def _adjoint_step(
         # d loss / d(delta_t A) = g_t exp(delta_t A) s_{t-1} = g_t (s_t - delta_t u_t B_t)
         grad_log_decay = g * (s - b * delta_u)
         # sums over the states: the thread's, then the warps' (both in one exchange)
-        grad_x = tl.sum(g * b, axis=1, keep_dims=True)
-        grad_decay = tl.sum(grad_log_decay * A, axis=1, keep_dims=True)
+        grad_x = _state_dot(g, b, FMA_CHAINS)
+        grad_decay = _state_dot(grad_log_decay, A, FMA_CHAINS)
         grad_x, grad_decay = tl.split(tl.sum(tl.join(grad_x, grad_decay), axis=2, keep_dims=True))
         du = grad_x * delta
         if HAS_D:
@@ -223,8 +319,13 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
     CHANNELS_PER_PROGRAM: tl.constexpr, STATE: tl.constexpr, E_HI: tl.constexpr, E_LO: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr,
-    WARPS: tl.constexpr,
+    WARPS: tl.constexpr, TOKEN_BARRIER: tl.constexpr, FMA_CHAINS: tl.constexpr,
 ):  # fmt: skip
+    # The schedule per GPU (the launcher's choice, by the report's counts). TOKEN_BARRIER (sm_80, sm_100):
+    # a barrier a token, which keeps the compiler from holding a group's later tokens' loads in
+    # registers across the group, and loads masked past the end (zeros); else (sm_90) loads of the last
+    # token there, unmasked, with ``delta`` and ``dout`` zeroed: fewer instructions, more registers
+    # held (sm_80 spills). FMA_CHAINS: the sums over a thread's states as chains (see _state_dot).
     tl.static_assert(CHUNK % GROUP == 0)
     tl.static_assert((GROUP == 1) | (GROUP == 2) | (GROUP == 4))
     batch_index = tl.program_id(0)
@@ -270,6 +371,18 @@ def _selective_scan_bwd_kernel(
     if HAS_D:
         D = tl.load(_per_thread(D_ptr, *offs_e), mask=mask_e, other=0.0)
     sequence = batch_index.to(tl.int64) * length  # 64-bit: batch * length * channels is large
+    # the row's inputs: a token's loads are then its 32-bit offset from these
+    u_seq = u_ptr + sequence * channels
+    delta_seq = delta_ptr + sequence * channels
+    z_seq = z_ptr + sequence * channels
+    dout_seq = dout_ptr + sequence * channels
+    B_seq = B_ptr + sequence * STATE
+    C_seq = C_ptr + sequence * STATE
+    first = 0
+    if TOKEN_BARRIER:  # a 64-bit row per token instead: no pointers held
+        u_seq, delta_seq, z_seq, dout_seq, B_seq, C_seq = u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr
+        first = sequence
+    FULL_N: tl.constexpr = STATE == BLOCK_N
     program = (batch_index * num_tiles + tile) * SPLITS + split
     TILE: tl.constexpr = BLOCK_N * E_HI * E_LO
     # Private to the program, and laid out so that a thread's entries are contiguous: its addresses are
@@ -308,10 +421,9 @@ def _selective_scan_bwd_kernel(
         for group in range(CHUNK // GROUP - 1):
             tl.store(scratch + group * TILE, s)
             for step in tl.static_range(GROUP):
-                t = start + group * GROUP + step
-                u, delta, b = _token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t, offs_e, mask_e, offs_n,
-                                            mask_n, t < length, channels, STATE)  # fmt: skip
-                s = _state_step(s, A, u, delta, b)
+                s = _token_step(s, A, start + group * GROUP + step, first, length, u_seq, delta_seq, B_seq,
+                                offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                TOKEN_BARRIER)  # fmt: skip
         tl.store(scratch + (CHUNK // GROUP - 1) * TILE, s)
         # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
         # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
@@ -320,31 +432,30 @@ def _selective_scan_bwd_kernel(
         for reverse_group in range(CHUNK // GROUP):
             group = CHUNK // GROUP - 1 - reverse_group
             t0 = start + group * GROUP
-            s0 = tl.load(scratch + group * TILE)
-            s1 = _state_step(s0, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0, offs_e, mask_e,
-                                                   offs_n, mask_n, t0 < length, channels, STATE))  # fmt: skip
+            s1 = _token_step(tl.load(scratch + group * TILE), A, t0, first, length, u_seq, delta_seq, B_seq,
+                             offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                             TOKEN_BARRIER)  # fmt: skip
             s2 = s1
             s3 = s1
             s4 = s1
             if GROUP >= 2:
-                s2 = _state_step(s1, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0 + 1, offs_e,
-                                                       mask_e, offs_n, mask_n, t0 + 1 < length, channels,
-                                                       STATE))  # fmt: skip
+                s2 = _token_step(s1, A, t0 + 1, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                 offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
             if GROUP >= 4:
-                s3 = _state_step(s2, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0 + 2, offs_e,
-                                                       mask_e, offs_n, mask_n, t0 + 2 < length, channels,
-                                                       STATE))  # fmt: skip
-                s4 = _state_step(s3, A, *_token_inputs(u_ptr, delta_ptr, B_ptr, sequence + t0 + 3, offs_e,
-                                                       mask_e, offs_n, mask_n, t0 + 3 < length, channels,
-                                                       STATE))  # fmt: skip
+                s3 = _token_step(s2, A, t0 + 2, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                 offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
+                s4 = _token_step(s3, A, t0 + 3, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                 offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
             for back in tl.static_range(GROUP):  # the group's tokens last to first
                 step = GROUP - 1 - back
                 s = s4 if step == 3 else (s3 if step == 2 else (s2 if step == 1 else s1))
+                t = t0 + step
                 grad_carry, dA, dD = _adjoint_step(
-                    s, grad_carry, dA, dD, A, D, sequence + t0 + step, t0 + step < length, tile, num_tiles,
-                    channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_ptr, delta_ptr, B_ptr,
-                    C_ptr, z_ptr, dout_ptr, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
-                    GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS,
+                    s, grad_carry, dA, dD, A, D, sequence + t,
+                    first + (t if TOKEN_BARRIER else tl.minimum(t, length - 1)), t < length, tile, num_tiles,
+                    channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq,
+                    C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
+                    GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS, EVEN, FULL_N, TOKEN_BARRIER, FMA_CHAINS,
                 )  # fmt: skip
 
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
