@@ -7,6 +7,7 @@ kernel, all behind one public function in ``ops.py``.
 from .conv import causal_depthwise_conv1d
 from .ops import ATTENTION_BACKENDS, SCAN_BACKENDS, defocus_attention, retention_scan, selective_scan
 from .rotary import published_rotary, rotate_by_position, rotate_pairs
+from .softplus import softplus
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -18,4 +19,5 @@ __all__ = [
     "rotate_by_position",
     "rotate_pairs",
     "selective_scan",
+    "softplus",
 ]

@@ -289,3 +289,43 @@ def test_causal_depthwise_conv_forms_agree(length, dtype, with_bias):
     torch.testing.assert_close(first, results[1][0][:, :1], **tol)
     with pytest.raises(ValueError, match="form"):
         causal_depthwise_conv1d(x, weight, bias, form="fft")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_softplus_equals_f_softplus(dtype):
+    """The vectorised CPU softplus: F.softplus's values to 2 ulps over the whole range (underflow, the
+    threshold, overflow, inf, nan), and F.softplus's gradient exactly."""
+    import torch.nn.functional as F
+
+    from defocus_scale.kernels import softplus
+
+    g = torch.Generator().manual_seed(0)
+    edges = [-1e4, -200.0, -88.0, -30.0, -20.0, -1e-8, 0.0, 1e-8, 19.99, 20.0, 20.01, 88.0, 100.0, 1e4]
+    special = torch.tensor(edges + [float("inf"), -float("inf")], dtype=dtype)
+    x = torch.cat([torch.randn(20000, generator=g, dtype=dtype) * scale for scale in (0.1, 1, 5, 30)])
+    x = torch.cat([x, special]).requires_grad_()
+    want = F.softplus(x.detach().double())
+    got = softplus(x)
+    assert got.dtype == dtype
+    ulps = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), want, rtol=ulps, atol=torch.finfo(dtype).tiny * 4)
+    cotangent = torch.randn(x.shape, dtype=dtype, generator=g)
+    (grad,) = torch.autograd.grad(got, x, cotangent)
+    xr = x.detach().requires_grad_()
+    (want_grad,) = torch.autograd.grad(F.softplus(xr), xr, cotangent)
+    assert torch.equal(grad, want_grad)
+    assert softplus(torch.tensor([float("nan")], dtype=dtype)).isnan().all()
+    if dtype == torch.float64:
+        torch.autograd.gradcheck(softplus, (torch.randn(16, dtype=dtype, requires_grad=True),))
+
+
+def test_cpu_softplus_compiles_and_leaves_low_precision_to_f_softplus():
+    import torch.nn.functional as F
+
+    from defocus_scale.kernels import softplus
+
+    x = torch.randn(4, 33, generator=torch.Generator().manual_seed(0)) * 10
+    compiled = torch.compile(softplus, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), softplus(x), rtol=0, atol=0)
+    low = x.bfloat16()
+    assert torch.equal(softplus(low), F.softplus(low))

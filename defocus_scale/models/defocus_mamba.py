@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from defocus_scale.kernels import causal_depthwise_conv1d, selective_scan
+from defocus_scale.kernels import causal_depthwise_conv1d, selective_scan, softplus
 from defocus_scale.models.registry import register_family
 from defocus_scale.models.trunk import DropPathRate, TokenClassifier, reject_scripting, scheduled_drop_path
 
@@ -93,7 +93,7 @@ class DefocusMambaMixer(nn.Module):
         # Under bf16 the dt_proj bias, A_log, D and freq stay fp32 (FP32_PARAMETERS): as in the release, the
         # bias is added in fp32 to the (bf16) projection, so delta, A, D and freq reach the scan in fp32.
         bias = self.dt_proj.bias
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(bias.dtype) + bias)
+        delta = softplus(F.linear(dt, self.dt_proj.weight).to(bias.dtype) + bias)
         if self.delta_scale != 1.0:  # (a division by 1 is a full pass over the tensor, forward and backward)
             delta = delta / self.delta_scale
         A = -torch.exp(self.A_log)
