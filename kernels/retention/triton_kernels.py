@@ -115,6 +115,27 @@ def _load_chunk(
     return t, mask_tk, mask_tv, q, k, v, do, cos, sin
 
 
+@triton.jit
+def _state_entering(
+    k_ptr, v_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, qk_step, v_step, angle_step, first,
+    mask_k, mask_v, mask_p, key_weight, chunk_decay,
+    HAS_THETA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The state ``S: (BLOCK_K, BLOCK_V)`` entering chunk ``first``: the chunks before it (none of them
+    masked: a split starts on a whole chunk) folded in from zero."""
+    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
+    for chunk in range(0, first):
+        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
+        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
+        if HAS_THETA:
+            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
+            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
+            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
+        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+    return state
+
+
 # ``chunks_per_split`` is not specialised: at 1 (small batches) Triton would unroll the token loop into a
 # branch, which the kernel report cannot see as a loop
 @triton.jit(do_not_specialize=["chunks_per_split"])
@@ -145,15 +166,11 @@ def _retention_fwd_kernel(
     first = split * chunks_per_split
     last = tl.minimum(first + chunks_per_split, num_chunks)
 
-    state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
-    for chunk in range(0, first):  # the state entering this split (no chunk before it is masked)
-        k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
-        v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
-        if HAS_THETA:
-            cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
-            sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
-            k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
-        state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+    state = _state_entering(
+        k_ptr, v_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, qk_step, v_step, angle_step, first,
+        mask_k, mask_v, mask_p, key_weight, chunk_decay, HAS_THETA, BLOCK_T, BLOCK_K, BLOCK_V, BLOCK_P,
+        DOT_DTYPE, PRECISION,
+    )  # fmt: skip
     for chunk in range(first, last):
         mask_t = chunk * BLOCK_T + offs_t < length
         mask_tk = mask_t[:, None] & mask_k[None, :]
@@ -219,15 +236,11 @@ def _retention_bwd_kernel(
 
     if QUERIES:  # the forward walk (this launch computes dq)
         # queries, first to last chunk: dq_i = sum_{j<=i} gamma^(i-j) (do_i . v_j) k_j + gamma^(i+1) do_i S^T
-        state = tl.zeros((BLOCK_K, BLOCK_V), tl.float32)
-        for chunk in range(0, first):
-            k = tl.load(k_ptr + qk_rows + chunk * qk_step, mask=mask_k[None, :], other=0.0)
-            v = tl.load(v_ptr + v_rows + chunk * v_step, mask=mask_v[None, :], other=0.0)
-            if HAS_THETA:
-                cos = tl.load(cos_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=1.0)
-                sin = tl.load(sin_ptr + angle_rows + chunk * angle_step, mask=mask_p[None, :], other=0.0)
-                k = _rotate(k, cos, sin, BLOCK_T, BLOCK_P)
-            state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
+        state = _state_entering(
+            k_ptr, v_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, qk_step, v_step, angle_step, first,
+            mask_k, mask_v, mask_p, key_weight, chunk_decay, HAS_THETA, BLOCK_T, BLOCK_K, BLOCK_V, BLOCK_P,
+            DOT_DTYPE, PRECISION,
+        )  # fmt: skip
         for chunk in range(first, last):
             t, mask_tk, mask_tv, q, k, v, do, cos, sin = _load_chunk(
                 q_ptr, k_ptr, v_ptr, do_ptr, cos_ptr, sin_ptr, qk_rows, v_rows, angle_rows, chunk, qk_step,
