@@ -83,6 +83,16 @@ def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _unrotate_grad(x, dx, t, cos, sin, grad_theta, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """For rotated rows ``x`` (queries or keys) and their gradient ``dx``: ``grad_theta`` plus this
+    chunk's ``t (dx_odd x_even - dx_even x_odd)`` per pair, and ``dx`` rotated back (the inputs' grad)."""
+    x_even, x_odd = _pairs(x, BLOCK_T, BLOCK_P)
+    dx_even, dx_odd = _pairs(dx, BLOCK_T, BLOCK_P)
+    grad_theta += t.to(tl.float32)[:, None] * (dx_odd * x_even - dx_even * x_odd)
+    return _rotate(dx, cos, -sin, BLOCK_T, BLOCK_P), grad_theta
+
+
+@triton.jit
 def _rows(batch_index, head, length, heads, offs_t, offs_d, D: tl.constexpr):
     """Offsets of chunk 0's rows ``(BLOCK_T, BLOCK_D)`` of one head in a ``(batch, length, heads, D)``
     tensor; later chunks add ``chunk * BLOCK_T * heads * D``."""
@@ -252,10 +262,7 @@ def _retention_bwd_kernel(
             dq = _mm(grad_scores, k, dq, DOT_DTYPE, PRECISION)
             grad_log_decay += t.to(tl.float32) * tl.sum(q.to(tl.float32) * dq, axis=1)
             if HAS_THETA:
-                q_even, q_odd = _pairs(q, BLOCK_T, BLOCK_P)
-                dq_even, dq_odd = _pairs(dq, BLOCK_T, BLOCK_P)
-                grad_theta += t.to(tl.float32)[:, None] * (dq_odd * q_even - dq_even * q_odd)
-                dq = _rotate(dq, cos, -sin, BLOCK_T, BLOCK_P)
+                dq, grad_theta = _unrotate_grad(q, dq, t, cos, sin, grad_theta, BLOCK_T, BLOCK_P)
             tl.store(dq_ptr + qk_rows + chunk * qk_step, dq.to(dq_ptr.dtype.element_ty), mask=mask_tk)
             state = _mm(tl.trans(k * key_weight[:, None]), v, state * chunk_decay, DOT_DTYPE, PRECISION)
 
@@ -291,10 +298,7 @@ def _retention_bwd_kernel(
                 dk = _mm(grad_scores_t, q, dk, DOT_DTYPE, PRECISION)
                 grad_log_decay -= t.to(tl.float32) * tl.sum(k.to(tl.float32) * dk, axis=1)
                 if HAS_THETA:
-                    k_even, k_odd = _pairs(k, BLOCK_T, BLOCK_P)
-                    dk_even, dk_odd = _pairs(dk, BLOCK_T, BLOCK_P)
-                    grad_theta += t.to(tl.float32)[:, None] * (dk_odd * k_even - dk_even * k_odd)
-                    dk = _rotate(dk, cos, -sin, BLOCK_T, BLOCK_P)
+                    dk, grad_theta = _unrotate_grad(k, dk, t, cos, sin, grad_theta, BLOCK_T, BLOCK_P)
                 tl.store(dk_ptr + qk_rows + chunk * qk_step, dk.to(dk_ptr.dtype.element_ty), mask=mask_tk)
             state = _mm(tl.trans(q * query_weight[:, None]), do, state * chunk_decay, DOT_DTYPE, PRECISION)
 
