@@ -177,7 +177,8 @@ def _exchange(v0, v1, lane, BIT: tl.constexpr):
 def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: tl.constexpr):
     """Stores ``db`` and ``dc`` ``(1, 8, WARPS, 32)``, summed over the 32 lanes: a reduce-scatter (4
     exchanges of pairs, 16 values to 1 a lane, then 1 butterfly step) instead of 16 butterfly sums of
-    5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; lanes in pairs store once."""
+    5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; both lanes of a pair store their
+    (bitwise equal) sum: a duplicate store costs less than the predicate that would skip it."""
     lane = tl.arange(0, 32)[None, None, None, :]
     x = _exchange(db, dc, lane, 4)  # (1, 8, WARPS, 32)
     lane = tl.arange(0, 32)[None, None, :]
@@ -193,7 +194,7 @@ def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: t
         tl.arange(0, WARPS)[:, None] * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1)
     )
     ptr = tl.where(((lane >> 4) & 1) == 0, dB_ptr, dC_ptr) + state
-    tl.store(ptr, x, mask=((lane & 1) == 0) & live & (state < STATE))
+    tl.store(ptr, x, mask=live & (state < STATE))
 
 
 @triton.jit
@@ -235,7 +236,9 @@ def _adjoint_step(
     c = _load(_per_thread(C_seq + tok * STATE, *offs_n), mask_n, live, FULL_N, MASKED)
 
     # epilogue backward: out = (norm(y) + D u) * silu(z). The read-out sums the thread's states, then
-    # the warps' (one exchange); per-channel values are then held by every warp (broadcast over WARPS)
+    # the warps' (one exchange); per-channel values are then held by every warp (broadcast over WARPS),
+    # bitwise equal (the same operations on the same values): every warp stores the per-token ones, a
+    # duplicate store costing less than the predicate that would skip it
     y = tl.sum(_state_dot(s, c, FMA_CHAINS), axis=2, keep_dims=True)
     y = tl.broadcast_to(y, u.shape)
     grad_pre_gate = dout
@@ -262,7 +265,7 @@ def _adjoint_step(
             pre_gate += u * D
         dz = dout * pre_gate * gate * (1.0 + z * (1.0 - gate))
         dz_at = _per_thread(dz_ptr + row * channels, *offs_e)
-        tl.store(dz_at, dz.to(dz_ptr.dtype.element_ty), mask=mask_te & first_warp)
+        tl.store(dz_at, dz.to(dz_ptr.dtype.element_ty), mask=mask_te)
 
     # the scan's backward
     g = grad_carry + c * dy
@@ -289,12 +292,12 @@ def _adjoint_step(
         tl.store(
             _per_thread(du_ptr + row * channels, *offs_e),
             du.to(du_ptr.dtype.element_ty),
-            mask=mask_te & first_warp,
+            mask=mask_te,
         )
         tl.store(
             _per_thread(ddelta_ptr + row * channels, *offs_e),
             ddelta.to(ddelta_ptr.dtype.element_ty),
-            mask=mask_te & first_warp,
+            mask=mask_te,
         )
         # this tile's share of d loss / d B_t and d C_t (channels: in-thread first, then the lanes)
         partial = (row * num_tiles + tile) * STATE
@@ -369,7 +372,7 @@ def _selective_scan_bwd_kernel(
     PER_STATE: tl.constexpr = (1, SPW, WARPS, E_LO)
     local_e = tl.broadcast_to(h4 * E_LO + l4, CH)
     n4 = tl.broadcast_to(w4 * SPW + i4, PER_STATE)
-    first_warp = tl.broadcast_to(w4 == 0, CH)  # per-channel results: stored by one warp
+    first_warp = tl.broadcast_to(w4 == 0, CH)  # per-channel sums over tokens: stored by one warp
     first_lane = tl.broadcast_to(l4 == 0, PER_STATE)  # per-state results: by one lane
     # a state's offset as (per thread: its warp's first state, per register: the state in the warp)
     offs_n = (tl.broadcast_to(w4 * SPW, (1, 1, WARPS, E_LO)), i4)
