@@ -107,15 +107,17 @@ def _channel_sums(a, b):
     E_LO: tl.constexpr = a.shape[3]
     a = tl.sum(a, axis=0, keep_dims=True)
     b = tl.sum(b, axis=0, keep_dims=True)
-    if E_LO == 1:
+    if E_LO == 1:  # (if / else: see _state_dot)
         return a, b
-    lane = tl.arange(0, E_LO)[None, None, None, :]
-    x = _exchange(a, b, lane, 0)  # lanes with bit 0 clear: a's pair sums, the others b's
-    halves: tl.constexpr = (1, 1, a.shape[2], E_LO // 2, 2)
-    x = tl.reshape(tl.broadcast_to(tl.sum(tl.reshape(x, halves), axis=3, keep_dims=True), halves), x.shape)
-    other = tl.gather(x, tl.broadcast_to(lane ^ 1, x.shape), 3)
-    even = (lane & 1) == 0
-    return tl.where(even, x, other), tl.where(even, other, x)
+    else:
+        lane = tl.arange(0, E_LO)[None, None, None, :]
+        x = _exchange(a, b, lane, 0)  # lanes with bit 0 clear: a's pair sums, the others b's
+        halves: tl.constexpr = (1, 1, a.shape[2], E_LO // 2, 2)
+        pair_sums = tl.sum(tl.reshape(x, halves), axis=3, keep_dims=True)
+        x = tl.reshape(tl.broadcast_to(pair_sums, halves), x.shape)
+        other = tl.gather(x, tl.broadcast_to(lane ^ 1, x.shape), 3)
+        even = (lane & 1) == 0
+        return tl.where(even, x, other), tl.where(even, other, x)
 
 
 @triton.jit
@@ -124,34 +126,36 @@ def _state_dot(x, y, CHAIN: tl.constexpr):
     (``CHAIN``): a sum's tree costs a multiply per pair of leaves on top. (sm_100 pairs a tree's
     independent multiplies and adds into two-wide instructions: there the tree is shorter.)"""
     SPW: tl.constexpr = x.shape[1]
+    # (if / else: Triton compiles the statements after a return inside a compile-time if)
     if (SPW != 8) | (not CHAIN):
         return tl.sum(x * y, axis=1, keep_dims=True)
-    shape: tl.constexpr = (x.shape[0], x.shape[2], x.shape[3], 2, 2, 2)
-    x = tl.reshape(tl.permute(tl.broadcast_to(x, x.shape), (0, 2, 3, 1)), shape)
-    y = tl.reshape(tl.permute(tl.broadcast_to(y, x.shape[:1] + (8,) + x.shape[1:3]), (0, 2, 3, 1)), shape)
-    x0, x1 = tl.split(x)
-    y0, y1 = tl.split(y)
-    x00, x01 = tl.split(x0)
-    x10, x11 = tl.split(x1)
-    y00, y01 = tl.split(y0)
-    y10, y11 = tl.split(y1)
-    a, b = tl.split(x00)
-    c, d = tl.split(y00)
-    acc = a * c
-    acc = tl.fma(b, d, acc)
-    a, b = tl.split(x01)
-    c, d = tl.split(y01)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    a, b = tl.split(x10)
-    c, d = tl.split(y10)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    a, b = tl.split(x11)
-    c, d = tl.split(y11)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    return tl.expand_dims(acc, 1)
+    else:
+        shape: tl.constexpr = (x.shape[0], x.shape[2], x.shape[3], 2, 2, 2)
+        x = tl.reshape(tl.permute(tl.broadcast_to(x, x.shape), (0, 2, 3, 1)), shape)
+        y = tl.reshape(tl.permute(tl.broadcast_to(y, x.shape[:1] + (8,) + x.shape[1:3]), (0, 2, 3, 1)), shape)
+        x0, x1 = tl.split(x)
+        y0, y1 = tl.split(y)
+        x00, x01 = tl.split(x0)
+        x10, x11 = tl.split(x1)
+        y00, y01 = tl.split(y0)
+        y10, y11 = tl.split(y1)
+        a, b = tl.split(x00)
+        c, d = tl.split(y00)
+        acc = a * c
+        acc = tl.fma(b, d, acc)
+        a, b = tl.split(x01)
+        c, d = tl.split(y01)
+        acc = tl.fma(a, c, acc)
+        acc = tl.fma(b, d, acc)
+        a, b = tl.split(x10)
+        c, d = tl.split(y10)
+        acc = tl.fma(a, c, acc)
+        acc = tl.fma(b, d, acc)
+        a, b = tl.split(x11)
+        c, d = tl.split(y11)
+        acc = tl.fma(a, c, acc)
+        acc = tl.fma(b, d, acc)
+        return tl.expand_dims(acc, 1)
 
 
 @triton.jit
