@@ -451,6 +451,37 @@ def test_selective_scan_backward_autotune_space():
         assert ({"splits": 1} in candidates) == split
 
 
+_COMPILE_CANDIDATES = """
+import torch
+from defocus_scale.kernels import aot
+from defocus_scale.kernels.launch import targeting
+from defocus_scale.kernels.selective import triton as selective
+
+act = torch.empty(128, 197, 1536, dtype=torch.bfloat16, device="meta")
+delta = torch.empty(128, 197, 1536, device="meta")
+A, D = torch.empty(1536, 16, device="meta"), torch.empty(1536, device="meta")
+B = C = torch.empty(128, 197, 16, device="meta")
+with targeting(90):
+    _, out, boundary = selective.forward_launch(act, delta, A, B, C, D, act, 64, 32, 64, False, True)
+    inputs = (out, act, delta, A, B, C, D, act, boundary)
+    for options in selective.backward_candidates(act, 16, 64, 32, 64):
+        launch, _ = selective.backward_launch(*inputs, 64, 32, 64, **options)
+        for part in (*launch.prelude, launch):
+            aot.compile_launch(part, "sm_90")
+"""
+
+
+def test_selective_scan_backward_candidates_compile_for_the_gpu():
+    """Every backward candidate at the production tile (Mamba-B, norm groups of 64) compiles for sm_90
+    (the interpreter runs Python's control flow: a statement after a return inside a compile-time if,
+    which Triton's compiler still compiles, passed there and failed on a GPU). In a child process
+    without ``TRITON_INTERPRET``, so the interpreted session runs it too (the compiles are cached)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CANDIDATES], capture_output=True, text=True,
+                            timeout=900, env=env, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @kernels_run_here
 def test_selective_scan_backward_autotune_candidates_agree():
     """Every candidate the autotuner may pick writes the default's gradients (a split sequence here:

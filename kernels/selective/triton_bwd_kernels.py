@@ -20,7 +20,10 @@ the states token by token and writes the one that enters each group of ``GROUP``
 per-program scratch, then (2) walks the groups last to first: recomputes the group's ``GROUP`` states into
 registers (unrolled), then runs the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
 back through them, with the epilogue's backward (group RMS norm, ``D u``, ``silu(z)``) fused. The
-scratch traffic is one state per group, not one per token.
+scratch traffic is one state per group, not one per token. In sm_90's schedule the adjoint takes the
+decays the group's recomputation computed (all but its first token's: four held spill) and the state
+before each token from the group's registers (the first token's read back from the scratch), so that
+``d loss / d(delta_t A)`` is the carry ``exp(delta_t A) g_t`` times ``s_{t-1}``: one multiply.
 
 Small batches split the sequence into segments (``SPLITS`` programs per row and tile). The adjoint is
 linear in the carry that enters a segment from the right: the segment's carry out is
@@ -104,15 +107,17 @@ def _channel_sums(a, b):
     E_LO: tl.constexpr = a.shape[3]
     a = tl.sum(a, axis=0, keep_dims=True)
     b = tl.sum(b, axis=0, keep_dims=True)
-    if E_LO == 1:
+    if E_LO == 1:  # (if / else: see _state_dot)
         return a, b
-    lane = tl.arange(0, E_LO)[None, None, None, :]
-    x = _exchange(a, b, lane, 0)  # lanes with bit 0 clear: a's pair sums, the others b's
-    halves: tl.constexpr = (1, 1, a.shape[2], E_LO // 2, 2)
-    x = tl.reshape(tl.broadcast_to(tl.sum(tl.reshape(x, halves), axis=3, keep_dims=True), halves), x.shape)
-    other = tl.gather(x, tl.broadcast_to(lane ^ 1, x.shape), 3)
-    even = (lane & 1) == 0
-    return tl.where(even, x, other), tl.where(even, other, x)
+    else:
+        lane = tl.arange(0, E_LO)[None, None, None, :]
+        x = _exchange(a, b, lane, 0)  # lanes with bit 0 clear: a's pair sums, the others b's
+        halves: tl.constexpr = (1, 1, a.shape[2], E_LO // 2, 2)
+        pair_sums = tl.sum(tl.reshape(x, halves), axis=3, keep_dims=True)
+        x = tl.reshape(tl.broadcast_to(pair_sums, halves), x.shape)
+        other = tl.gather(x, tl.broadcast_to(lane ^ 1, x.shape), 3)
+        even = (lane & 1) == 0
+        return tl.where(even, x, other), tl.where(even, other, x)
 
 
 @triton.jit
@@ -121,34 +126,36 @@ def _state_dot(x, y, CHAIN: tl.constexpr):
     (``CHAIN``): a sum's tree costs a multiply per pair of leaves on top. (sm_100 pairs a tree's
     independent multiplies and adds into two-wide instructions: there the tree is shorter.)"""
     SPW: tl.constexpr = x.shape[1]
+    # (if / else: Triton compiles the statements after a return inside a compile-time if)
     if (SPW != 8) | (not CHAIN):
         return tl.sum(x * y, axis=1, keep_dims=True)
-    shape: tl.constexpr = (x.shape[0], x.shape[2], x.shape[3], 2, 2, 2)
-    x = tl.reshape(tl.permute(tl.broadcast_to(x, x.shape), (0, 2, 3, 1)), shape)
-    y = tl.reshape(tl.permute(tl.broadcast_to(y, x.shape[:1] + (8,) + x.shape[1:3]), (0, 2, 3, 1)), shape)
-    x0, x1 = tl.split(x)
-    y0, y1 = tl.split(y)
-    x00, x01 = tl.split(x0)
-    x10, x11 = tl.split(x1)
-    y00, y01 = tl.split(y0)
-    y10, y11 = tl.split(y1)
-    a, b = tl.split(x00)
-    c, d = tl.split(y00)
-    acc = a * c
-    acc = tl.fma(b, d, acc)
-    a, b = tl.split(x01)
-    c, d = tl.split(y01)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    a, b = tl.split(x10)
-    c, d = tl.split(y10)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    a, b = tl.split(x11)
-    c, d = tl.split(y11)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    return tl.expand_dims(acc, 1)
+    else:
+        shape: tl.constexpr = (x.shape[0], x.shape[2], x.shape[3], 2, 2, 2)
+        x = tl.reshape(tl.permute(tl.broadcast_to(x, x.shape), (0, 2, 3, 1)), shape)
+        y = tl.reshape(tl.permute(tl.broadcast_to(y, x.shape[:1] + (8,) + x.shape[1:3]), (0, 2, 3, 1)), shape)
+        x0, x1 = tl.split(x)
+        y0, y1 = tl.split(y)
+        x00, x01 = tl.split(x0)
+        x10, x11 = tl.split(x1)
+        y00, y01 = tl.split(y0)
+        y10, y11 = tl.split(y1)
+        a, b = tl.split(x00)
+        c, d = tl.split(y00)
+        acc = a * c
+        acc = tl.fma(b, d, acc)
+        a, b = tl.split(x01)
+        c, d = tl.split(y01)
+        acc = tl.fma(a, c, acc)
+        acc = tl.fma(b, d, acc)
+        a, b = tl.split(x10)
+        c, d = tl.split(y10)
+        acc = tl.fma(a, c, acc)
+        acc = tl.fma(b, d, acc)
+        a, b = tl.split(x11)
+        c, d = tl.split(y11)
+        acc = tl.fma(a, c, acc)
+        acc = tl.fma(b, d, acc)
+        return tl.expand_dims(acc, 1)
 
 
 @triton.jit
@@ -174,7 +181,8 @@ def _exchange(v0, v1, lane, BIT: tl.constexpr):
 def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: tl.constexpr):
     """Stores ``db`` and ``dc`` ``(1, 8, WARPS, 32)``, summed over the 32 lanes: a reduce-scatter (4
     exchanges of pairs, 16 values to 1 a lane, then 1 butterfly step) instead of 16 butterfly sums of
-    5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; lanes in pairs store once."""
+    5 steps each. Lane bit 4 picks B or C, bits 3..1 the warp's state; both lanes of a pair store their
+    (bitwise equal) sum: a duplicate store costs less than the predicate that would skip it."""
     lane = tl.arange(0, 32)[None, None, None, :]
     x = _exchange(db, dc, lane, 4)  # (1, 8, WARPS, 32)
     lane = tl.arange(0, 32)[None, None, :]
@@ -190,37 +198,34 @@ def _store_scattered(db, dc, dB_ptr, dC_ptr, live, STATE: tl.constexpr, WARPS: t
         tl.arange(0, WARPS)[:, None] * 8 + ((lane >> 3) & 1) * 4 + ((lane >> 2) & 1) * 2 + ((lane >> 1) & 1)
     )
     ptr = tl.where(((lane >> 4) & 1) == 0, dB_ptr, dC_ptr) + state
-    tl.store(ptr, x, mask=((lane & 1) == 0) & live & (state < STATE))
-
-
-@triton.jit
-def _state_step(s, A, u, delta, b):
-    """``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`` on ``(E_HI, SPW, WARPS, E_LO)``."""
-    return tl.exp2(delta * A) * s + b * (delta * u)
+    tl.store(ptr, x, mask=live & (state < STATE))
 
 
 @triton.jit
 def _token_step(s, A, t, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e, offs_n, mask_n, channels,
                 STATE: tl.constexpr, FULL_E: tl.constexpr, FULL_N: tl.constexpr,
                 MASKED: tl.constexpr):  # fmt: skip
-    """The state after token ``t`` from the one before it (the identity past the end). The inputs'
-    pointers are ``first`` tokens before the sequence's start."""
+    """The state after token ``t`` from the one before it (the identity past the end),
+    ``s_t = exp(delta_t A) s_{t-1} + delta_t u_t B_t`` on ``(E_HI, SPW, WARPS, E_LO)``, and the decay
+    ``exp(delta_t A)``. The inputs' pointers are ``first`` tokens before the sequence's start."""
     tok = first + (t if MASKED else tl.minimum(t, length - 1))
     u, delta, b = _token_inputs(u_seq, delta_seq, B_seq, tok, t < length, offs_e, mask_e, offs_n, mask_n,
                                 channels, STATE, FULL_E, FULL_N, MASKED)  # fmt: skip
-    return _state_step(s, A, u, delta, b)
+    decay = tl.exp2(delta * A)
+    return decay * s + b * (delta * u), decay
 
 
 @triton.jit
 def _adjoint_step(
-    s, grad_carry, dA, dD, A, D, row, tok, live, tile, num_tiles, channels, offs_e, mask_e, offs_n, mask_n,
-    first_warp, first_lane, u_seq, delta_seq, B_seq, C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr, dz_ptr,
-    dB_ptr, dC_ptr,
+    s, s_prev, decay, grad_carry, dA, dD, A, D, row, tok, live, tile, num_tiles, channels, offs_e, mask_e,
+    offs_n, mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq, C_seq, z_seq, dout_seq, du_ptr,
+    ddelta_ptr, dz_ptr, dB_ptr, dC_ptr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
     STATE: tl.constexpr, SCATTER: tl.constexpr, WARPS: tl.constexpr, FULL_E: tl.constexpr,
-    FULL_N: tl.constexpr, MASKED: tl.constexpr, FMA_CHAINS: tl.constexpr,
+    FULL_N: tl.constexpr, MASKED: tl.constexpr, FMA_CHAINS: tl.constexpr, HAS_DECAY: tl.constexpr,
 ):  # fmt: skip
-    """One token of the adjoint, given its state ``s_t`` and the carry ``exp(delta_{t+1} A) g_{t+1}``:
+    """One token of the adjoint, given its state ``s_t``, the one before, ``s_{t-1}``, its decay
+    ``exp(delta_t A)`` (``HAS_DECAY``, else computed here) and the carry ``exp(delta_{t+1} A) g_{t+1}``:
     stores the token's gradients, returns the carry for the token before and the running ``dA``, ``dD``."""
     if MASKED:  # (see the kernel's TOKEN_BARRIER)
         tl.debug_barrier()
@@ -235,7 +240,9 @@ def _adjoint_step(
     c = _load(_per_thread(C_seq + tok * STATE, *offs_n), mask_n, live, FULL_N, MASKED)
 
     # epilogue backward: out = (norm(y) + D u) * silu(z). The read-out sums the thread's states, then
-    # the warps' (one exchange); per-channel values are then held by every warp (broadcast over WARPS)
+    # the warps' (one exchange); per-channel values are then held by every warp (broadcast over WARPS),
+    # bitwise equal (the same operations on the same values): every warp stores the per-token ones, a
+    # duplicate store costing less than the predicate that would skip it
     y = tl.sum(_state_dot(s, c, FMA_CHAINS), axis=2, keep_dims=True)
     y = tl.broadcast_to(y, u.shape)
     grad_pre_gate = dout
@@ -262,14 +269,20 @@ def _adjoint_step(
             pre_gate += u * D
         dz = dout * pre_gate * gate * (1.0 + z * (1.0 - gate))
         dz_at = _per_thread(dz_ptr + row * channels, *offs_e)
-        tl.store(dz_at, dz.to(dz_ptr.dtype.element_ty), mask=mask_te & first_warp)
+        tl.store(dz_at, dz.to(dz_ptr.dtype.element_ty), mask=mask_te)
 
     # the scan's backward
     g = grad_carry + c * dy
-    decay = tl.exp2(delta * A)
+    if not HAS_DECAY:
+        decay = tl.exp2(delta * A)
+    carry = decay * g
     if not CARRY_PASS:
-        # d loss / d(delta_t A) = g_t exp(delta_t A) s_{t-1} = g_t (s_t - delta_t u_t B_t)
-        grad_log_decay = g * (s - b * delta_u)
+        # d loss / d(delta_t A) = g_t exp(delta_t A) s_{t-1}: the carry times the state before (one
+        # multiply), or, in the low-register schedule (no state before held), g_t (s_t - delta_t u_t B_t)
+        if MASKED:
+            grad_log_decay = g * (s - b * delta_u)
+        else:
+            grad_log_decay = carry * s_prev
         # sums over the states: the thread's, then the warps' (both in one exchange)
         grad_x = _state_dot(g, b, FMA_CHAINS)
         grad_decay = _state_dot(grad_log_decay, A, FMA_CHAINS)
@@ -283,12 +296,12 @@ def _adjoint_step(
         tl.store(
             _per_thread(du_ptr + row * channels, *offs_e),
             du.to(du_ptr.dtype.element_ty),
-            mask=mask_te & first_warp,
+            mask=mask_te,
         )
         tl.store(
             _per_thread(ddelta_ptr + row * channels, *offs_e),
             ddelta.to(ddelta_ptr.dtype.element_ty),
-            mask=mask_te & first_warp,
+            mask=mask_te,
         )
         # this tile's share of d loss / d B_t and d C_t (channels: in-thread first, then the lanes)
         partial = (row * num_tiles + tile) * STATE
@@ -303,7 +316,20 @@ def _adjoint_step(
             tl.store(_per_thread(dC_ptr + partial, *offs_n), dc, mask=mask_n & (live & first_lane))
     else:  # the segment's decay is exp(A sum_t delta_t): the carry pass sums delta in dD's place
         dD += delta
-    return decay * g, dA, dD
+    return carry, dA, dD
+
+
+@triton.jit
+def _scratch_entry(scratch, entry, group, local_thread, local_reg, BY_INDEX: tl.constexpr):
+    """The thread's addresses of a group's scratch entry: from the pointer ``entry`` that the loops
+    carry (an offset from a loop's counter widens the counter, and with it every token's index and
+    bound check, to 64 bits), or, ``BY_INDEX`` (the low-register schedule, where the carried pointer
+    spills), from the group's index."""
+    TILE: tl.constexpr = scratch.numel
+    if BY_INDEX:
+        return scratch + group * TILE
+    else:
+        return _per_thread(entry, local_thread, local_reg)
 
 
 # Addresses: a thread's entries are one register (its lane and warp) and immediates (its registers),
@@ -324,8 +350,10 @@ def _selective_scan_bwd_kernel(
     # The schedule per GPU (the launcher's choice, by the report's counts). TOKEN_BARRIER (sm_80, sm_100):
     # a barrier a token, which keeps the compiler from holding a group's later tokens' loads in
     # registers across the group, and loads masked past the end (zeros); else (sm_90) loads of the last
-    # token there, unmasked, with ``delta`` and ``dout`` zeroed: fewer instructions, more registers
-    # held (sm_80 spills). FMA_CHAINS: the sums over a thread's states as chains (see _state_dot).
+    # token there, unmasked, with ``delta`` and ``dout`` zeroed, and the recomputation's decays and
+    # states reused by the adjoint (see the module's docstring), the scratch's entry and the outputs'
+    # rows held as pointers: fewer instructions, more registers held (sm_80 spills). FMA_CHAINS: the
+    # sums over a thread's states as chains (see _state_dot).
     tl.static_assert(CHUNK % GROUP == 0)
     tl.static_assert((GROUP == 1) | (GROUP == 2) | (GROUP == 4))
     batch_index = tl.program_id(0)
@@ -348,7 +376,7 @@ def _selective_scan_bwd_kernel(
     PER_STATE: tl.constexpr = (1, SPW, WARPS, E_LO)
     local_e = tl.broadcast_to(h4 * E_LO + l4, CH)
     n4 = tl.broadcast_to(w4 * SPW + i4, PER_STATE)
-    first_warp = tl.broadcast_to(w4 == 0, CH)  # per-channel results: stored by one warp
+    first_warp = tl.broadcast_to(w4 == 0, CH)  # per-channel sums over tokens: stored by one warp
     first_lane = tl.broadcast_to(l4 == 0, PER_STATE)  # per-state results: by one lane
     # a state's offset as (per thread: its warp's first state, per register: the state in the warp)
     offs_n = (tl.broadcast_to(w4 * SPW, (1, 1, WARPS, E_LO)), i4)
@@ -382,6 +410,12 @@ def _selective_scan_bwd_kernel(
     if TOKEN_BARRIER:  # a 64-bit row per token instead: no pointers held
         u_seq, delta_seq, z_seq, dout_seq, B_seq, C_seq = u_ptr, delta_ptr, z_ptr, dout_ptr, B_ptr, C_ptr
         first = sequence
+    else:  # and the outputs' likewise (a 64-bit row a token costs a wide multiply and add a store)
+        du_ptr += sequence * channels
+        ddelta_ptr += sequence * channels
+        dz_ptr += sequence * channels
+        dB_ptr += sequence * num_tiles * STATE
+        dC_ptr += sequence * num_tiles * STATE
     FULL_N: tl.constexpr = STATE == BLOCK_N
     program = (batch_index * num_tiles + tile) * SPLITS + split
     TILE: tl.constexpr = BLOCK_N * E_HI * E_LO
@@ -390,9 +424,8 @@ def _selective_scan_bwd_kernel(
     # per entry, and the loop-invariant ones spill).
     local_thread = (w4 * E_LO + l4) * (E_HI * SPW)  # the same for all of a thread's entries
     local_reg = h4 * SPW + i4  # a compile-time constant per register
-    scratch = _per_thread(
-        scratch_ptr + program.to(tl.int64) * ((CHUNK // GROUP) * TILE), local_thread, local_reg
-    )
+    scratch_ptr += program.to(tl.int64) * ((CHUNK // GROUP) * TILE)
+    scratch = _per_thread(scratch_ptr, local_thread, local_reg)
     first_chunk = split * chunks_per_split
     last_chunk = tl.minimum(first_chunk + chunks_per_split, num_chunks) - 1
     # the segments' carries, (batch, tiles, splits, 2, tile), each tile in the scratch's order: L then P
@@ -418,12 +451,14 @@ def _selective_scan_bwd_kernel(
         s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
         tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
         # (the last group's steps would give the chunk's end state: not needed)
+        entry = scratch_ptr  # (see _scratch_entry)
         for group in range(CHUNK // GROUP - 1):
-            tl.store(scratch + group * TILE, s)
+            tl.store(_scratch_entry(scratch, entry, group, local_thread, local_reg, TOKEN_BARRIER), s)
+            entry += TILE
             for step in tl.static_range(GROUP):
-                s = _token_step(s, A, start + group * GROUP + step, first, length, u_seq, delta_seq, B_seq,
-                                offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                                TOKEN_BARRIER)  # fmt: skip
+                s, _ = _token_step(s, A, start + group * GROUP + step, first, length, u_seq, delta_seq,
+                                   B_seq, offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                   TOKEN_BARRIER)  # fmt: skip
         tl.store(scratch + (CHUNK // GROUP - 1) * TILE, s)
         # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
         # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
@@ -432,30 +467,43 @@ def _selective_scan_bwd_kernel(
         for reverse_group in range(CHUNK // GROUP):
             group = CHUNK // GROUP - 1 - reverse_group
             t0 = start + group * GROUP
-            s1 = _token_step(tl.load(scratch + group * TILE), A, t0, first, length, u_seq, delta_seq, B_seq,
-                             offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                             TOKEN_BARRIER)  # fmt: skip
-            s2 = s1
-            s3 = s1
-            s4 = s1
+            at = _scratch_entry(scratch, entry, group, local_thread, local_reg, TOKEN_BARRIER)
+            entry -= TILE
+            s1, decay1 = _token_step(tl.load(at), A, t0, first, length, u_seq, delta_seq, B_seq,
+                                     offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                     TOKEN_BARRIER)  # fmt: skip
+            s2, s3, s4 = s1, s1, s1
+            decay2, decay3, decay4 = decay1, decay1, decay1
             if GROUP >= 2:
-                s2 = _token_step(s1, A, t0 + 1, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
-                                 offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
+                s2, decay2 = _token_step(s1, A, t0 + 1, first, length, u_seq, delta_seq, B_seq, offs_e,
+                                         mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                         TOKEN_BARRIER)  # fmt: skip
             if GROUP >= 4:
-                s3 = _token_step(s2, A, t0 + 2, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
-                                 offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
-                s4 = _token_step(s3, A, t0 + 3, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
-                                 offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
+                s3, decay3 = _token_step(s2, A, t0 + 2, first, length, u_seq, delta_seq, B_seq, offs_e,
+                                         mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                         TOKEN_BARRIER)  # fmt: skip
+                s4, decay4 = _token_step(s3, A, t0 + 3, first, length, u_seq, delta_seq, B_seq, offs_e,
+                                         mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                         TOKEN_BARRIER)  # fmt: skip
             for back in tl.static_range(GROUP):  # the group's tokens last to first
                 step = GROUP - 1 - back
                 s = s4 if step == 3 else (s3 if step == 2 else (s2 if step == 1 else s1))
+                # the decays of the recomputation, held for the adjoint but the group's first token's
+                # (all four held spill at the production tile; any, in the low-register schedule)
+                decay = decay4 if step == 3 else (decay3 if step == 2 else decay2)
+                # the state before: the group's previous one, or the group's first read back again (held
+                # across the group it would cost registers; the carry pass does not need it)
+                s_prev = s3 if step == 3 else (s2 if step == 2 else s1)
+                if (step == 0) & (not CARRY_PASS) & (not TOKEN_BARRIER):
+                    s_prev = tl.load(at)
                 t = t0 + step
                 grad_carry, dA, dD = _adjoint_step(
-                    s, grad_carry, dA, dD, A, D, sequence + t,
+                    s, s_prev, decay, grad_carry, dA, dD, A, D, first + t,
                     first + (t if TOKEN_BARRIER else tl.minimum(t, length - 1)), t < length, tile, num_tiles,
                     channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq,
                     C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
                     GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS, EVEN, FULL_N, TOKEN_BARRIER, FMA_CHAINS,
+                    (step > 0) & (not TOKEN_BARRIER),
                 )  # fmt: skip
 
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
