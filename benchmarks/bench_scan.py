@@ -54,11 +54,12 @@ from environment import write_result  # noqa: E402
 
 from defocus_scale.kernels.ops import retention_scan, selective_scan  # noqa: E402
 from defocus_scale.kernels.rotary import published_rotary, rotate_by_position  # noqa: E402
+from defocus_scale.kernels.selective import triton as selective_triton  # noqa: E402
 from defocus_scale.kernels.selective.naive import group_rms_norm  # noqa: E402
 
 # Peak HBM bandwidth in GB/s by device name (datasheets); the first key found in the name wins.
 PEAK_GBPS = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0}
-BOUNDARY_CHUNK = 32  # tokens per stored state in the selective kernel (its default chunk_size)
+BOUNDARY_CHUNK = selective_triton.DEFAULT_CHUNK  # tokens per stored state (the op's default chunk_size)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 

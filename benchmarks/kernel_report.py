@@ -67,7 +67,7 @@ def selective_launches(channels: int, length: int, batch: int, dtype: torch.dtyp
     delta = _meta(batch, length, channels)
     A, D = _meta(channels, STATE), _meta(channels)
     B, C = _meta(batch, length, STATE), _meta(batch, length, STATE)
-    chunk, block = 32, 64
+    chunk, block = selective.DEFAULT_CHUNK, selective.DEFAULT_BLOCK_CHANNELS  # the op's defaults
     fwd, out, boundary = selective.forward_launch(
         act, delta, A, B, C, D, act, GROUP, chunk, block, False, True
     )

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .launch import KernelLaunch
+from .launch import KernelLaunch, LaunchWork
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ class Binary:
     launchable: bool
     why_not: str
     rebuild_loops: list[dict] = field(default_factory=list)  # loops that load and store nothing
+    # the loops enclosing the token loops: their own instructions (outside the loops they hold)
+    chunk_loops: list[dict] = field(default_factory=list)
 
 
 def compile_launch(launch: KernelLaunch, arch: str):
@@ -138,18 +140,33 @@ def _innermost_with(instructions, loops: list[tuple[int, int]], opcode: str) -> 
     )  # fmt: skip
 
 
-def token_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+def token_loops(instructions: list[tuple[int, str, str]], marker: str = "STG") -> list[tuple[int, int]]:
     """The address ranges of the token loops: the innermost loops (backward branches) that store to
-    global memory (every token loop writes its tokens' outputs or gradients). A loop nested inside one
-    that stores nothing (libdevice's slow argument reduction of sin/cos) is part of it, not the loop."""
-    return _innermost_with(instructions, _loops(instructions), "STG")
+    global memory (every token loop writes its tokens' outputs or gradients; ``marker`` "LDG" for a
+    pass that writes nothing a token: the innermost loops that load). A loop nested inside one that
+    stores nothing (libdevice's slow argument reduction of sin/cos) is part of it, not the loop."""
+    return _innermost_with(instructions, _loops(instructions), marker)
 
 
-def rebuild_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+def chunk_loops(instructions: list[tuple[int, str, str]], marker: str = "STG") -> list[tuple[int, int]]:
+    """The loops that enclose token loops, the innermost such (a chunk loop around a group loop)."""
+    loops = _loops(instructions)
+    tokens = _innermost_with(instructions, loops, marker)
+    enclosing = [
+        loop for loop in loops
+        if loop not in tokens and any(loop[0] <= t[0] and t[1] <= loop[1] for t in tokens)
+    ]  # fmt: skip
+    return sorted(
+        loop for loop in enclosing
+        if not any(o != loop and loop[0] <= o[0] and o[1] <= loop[1] for o in enclosing)
+    )  # fmt: skip
+
+
+def rebuild_loops(instructions: list[tuple[int, str, str]], marker: str = "STG") -> list[tuple[int, int]]:
     """The rebuild loops: the innermost loops that load from global memory and store nothing, outside
     the token loops (a split's pass over the chunks before it, accumulating the state it starts from)."""
     loops = _loops(instructions)
-    tokens = _innermost_with(instructions, loops, "STG")
+    tokens = _innermost_with(instructions, loops, marker)
     storing = [loop for loop in loops if any(t[0] >= loop[0] and t[1] <= loop[1] for t in tokens)]
     quiet = [loop for loop in loops if loop not in storing]
     return [
@@ -249,8 +266,21 @@ def _analyse(compiled, launch: KernelLaunch, arch: str) -> Binary:
             for lo, hi in loops
         ]  # fmt: skip
 
-    profiles, rebuilds = profile(token_loops(instructions)), profile(rebuild_loops(instructions))
-    in_loops = sum(p["instructions"] for p in profiles)  # rebuild loops stay in the prologue's count too
+    work = launch.work
+    marker = work.token_marker if work is not None else "STG"
+    profiles = profile(token_loops(instructions, marker))
+    rebuilds = profile(rebuild_loops(instructions, marker))
+    chunks = profile(chunk_loops(instructions, marker))
+    described = None if work is None or isinstance(work.token_steps, int) else len(work.token_steps)
+    nested = bool(chunks)
+    if work is not None and (bool(work.chunk_steps) != nested or described not in (None, len(profiles))):
+        raise RuntimeError(
+            f"{launch.kernel.__name__} on {arch}: the launch describes {described or 'its'} token loops "
+            f"and {'a' if work.chunk_steps else 'no'} loop around them; the binary has {len(profiles)} "
+            f"and {len(chunks)}: the estimate would miscount (did the compiler unroll a loop?)"
+        )
+    # (rebuild loops stay in the prologue's count too)
+    in_loops = sum(p["instructions"] for p in profiles + chunks)
     warps = launch.num_warps
     regs_per_warp = -(-registers * 32 // 256) * 256
     limits = {
@@ -269,7 +299,7 @@ def _analyse(compiled, launch: KernelLaunch, arch: str) -> Binary:
         arch=arch, registers=registers, spill_bytes=spills, local_bytes=local, shared_bytes=shared,
         num_warps=warps, loops=profiles, other_instructions=len(instructions) - in_loops,
         ctas_per_sm=max(limits[bound], 0), occupancy_limit=bound, launchable=not why_not, why_not=why_not,
-        rebuild_loops=rebuilds,
+        rebuild_loops=rebuilds, chunk_loops=chunks,
     )  # fmt: skip
 
 
@@ -278,11 +308,12 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
 
     The model: an SM issues ``schedulers`` warp instructions per clock; its resident warps share them.
     A token loop's iteration (a rebuild loop's likewise: ``work.rebuild_steps`` iterations of the rebuild
-    loops together, each at the costliest one's price) takes, per wave of resident programs, the larger
+    loops together, each at the costliest one's price; a chunk loop's own instructions, outside the token
+    loops it holds, ``work.chunk_steps`` times) takes, per wave of resident programs, the larger
     of (a) the instructions of the warps sharing a scheduler and (b) one warp's own instructions plus
     one dependent DRAM load (``mem_latency_cycles``: the latency bound when too few warps hide it), or
     only the DRAM latency when no load in the loop is read in its own iteration (loads a token ahead
-    overlap the step).
+    overlap the step), or no latency when it loads nothing.
     Programs run in waves of ``ctas_per_sm`` per SM. Independently, the SFU pipe (MUFU instructions from
     the SASS) and HBM (``work.bytes_moved``) bound the launch; the estimate is the largest of the three.
     The floors are what any kernel must pay: the exponentials of the maths on the SFU, and every input
@@ -296,7 +327,8 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
     full_waves, rest = divmod(programs, per_wave)
     loop_cycles = 0.0
     waves = [(binary.ctas_per_sm, full_waves)] + ([(-(-rest // spec.sms), 1)] if rest else [])
-    steps = [(loop, work.token_steps) for loop in binary.loops]
+    steps = list(zip(binary.loops, token_steps(binary, work), strict=True))
+    steps += [(loop, work.chunk_steps) for loop in binary.chunk_loops]
     if binary.rebuild_loops:  # a program runs some of each: all its iterations at the costliest one's
         steps.append((max(binary.rebuild_loops, key=lambda loop: loop["instructions"]), work.rebuild_steps))
     for resident, count in waves:
@@ -304,7 +336,9 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
         for loop, n_steps in steps:
             n = loop["instructions"]
             exposed = n if loop.get("loads_used_in_iteration", 1) else 0
-            iteration = max(warps_per_scheduler * n, exposed + spec.mem_latency_cycles)
+            # (a body that loads nothing, e.g. a chunk loop's own boundary stores, waits for no DRAM)
+            latency = spec.mem_latency_cycles if loop.get("global_loads", 1) else 0
+            iteration = max(warps_per_scheduler * n, exposed + latency)
             loop_cycles += count * n_steps * iteration
     fixed = binary.other_instructions * (len(waves))  # prologue/epilogue, once per wave
     issue_ms = (loop_cycles + fixed) / cycles_per_ms
@@ -323,6 +357,24 @@ def estimate(binary: Binary, launch: KernelLaunch) -> dict:
     }  # fmt: skip
 
 
+def token_steps(binary: Binary, work: LaunchWork) -> list[int]:
+    """Iterations per program of each of ``binary``'s token loops, as ``work`` gives them."""
+    if isinstance(work.token_steps, int):
+        return [work.token_steps] * len(binary.loops)
+    return list(work.token_steps)
+
+
+def _instructions_per_token(binary: Binary, launch: KernelLaunch) -> float:
+    """SASS instructions a token costs in the token loops (and in the loop around them, where one is)."""
+    if "tokens" not in launch.notes:
+        in_loops = sum(loop["instructions"] for loop in binary.loops)
+        return in_loops / launch.notes.get("tokens_per_iteration", 1)
+    work = launch.work
+    total = sum(loop["instructions"] * n for loop, n in zip(binary.loops, token_steps(binary, work)))
+    total += sum(loop["instructions"] for loop in binary.chunk_loops) * work.chunk_steps
+    return total / launch.notes["tokens"]
+
+
 def report_record(launch: KernelLaunch, arch: str) -> dict:
     """Compile, analyse and estimate one launch: the report's record (without its identifying keys)."""
     binary = analyse(compile_launch(launch, arch), launch, arch)
@@ -332,8 +384,7 @@ def report_record(launch: KernelLaunch, arch: str) -> dict:
     record.update(
         programs=launch.programs, grid=list(launch.grid), token_steps=work.token_steps,
         bytes_moved=work.bytes_moved, bytes_min=work.bytes_min, exp=work.exp,
-        instructions_per_token=sum(loop["instructions"] for loop in binary.loops)
-        / launch.notes.get("tokens_per_iteration", 1),
+        instructions_per_token=_instructions_per_token(binary, launch),
         # local-memory accesses in the token loops: spills, or libdevice's sin/cos argument reduction
         loop_local=sum(loop["local"] for loop in binary.loops + binary.rebuild_loops),
         constexprs={k: str(v) for k, v in launch.constexprs.items()},

@@ -38,6 +38,17 @@ def target_capability(device: torch.device) -> int | None:
     return _TARGET_CAPABILITY.get()
 
 
+# SMs of the parts the report targets, by compute capability (SXM parts: A100, H100, B200)
+_SMS = {80: 108, 90: 132, 100: 148}
+
+
+def target_sms(device: torch.device) -> int:
+    """SMs of the GPU a launch on ``device`` is for (see ``target_capability``); 0 when there is none."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS.get(_TARGET_CAPABILITY.get() or 0, 0)
+
+
 @contextlib.contextmanager
 def targeting(capability: int) -> Iterator[None]:
     """Build launches on meta tensors as for a GPU of this compute capability (``10 * major + minor``)."""
@@ -51,16 +62,23 @@ def targeting(capability: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class LaunchWork:
     """What one launch has to do. ``token_steps``: iterations of each token loop per program (every token
-    loop of a kernel runs that many times); ``exp``: exponentials the maths needs (the SFU floor);
+    loop of a kernel runs that many times; or a tuple, one count per token loop in code order);
+    ``exp``: exponentials the maths needs (the SFU floor);
     ``rebuild_steps``: iterations of the rebuild loops together (loops that load and store nothing: a
     split's passes over the chunks outside its range, accumulating states) of the program that runs the
-    most of them."""
+    most of them; ``chunk_steps``: iterations of the loop enclosing the token loops, where one does."""
 
-    token_steps: int
+    token_steps: int | tuple[int, ...]
     exp: int
     bytes_min: int
     bytes_moved: int
     rebuild_steps: int = 0
+    # iterations per program of the loop that encloses the token loops (0: none does); its own
+    # instructions (outside the token loops) run that many times
+    chunk_steps: int = 0
+    # what marks a token loop (the innermost loops with it): global stores, or, for a pass that writes
+    # nothing a token (the selective backward's carry pass), global loads ("LDG")
+    token_marker: str = "STG"
 
 
 @dataclass
@@ -75,6 +93,8 @@ class KernelLaunch:
     notes: dict[str, Any] = field(default_factory=dict)
     # launches that must run before this one (an earlier pass of the same op); the report compiles each
     prelude: tuple[KernelLaunch, ...] = ()
+    # tensor arguments the kernel needs zeroed at every run (counters and flags it synchronises with)
+    zeroed: tuple[str, ...] = ()
 
     @property
     def programs(self) -> int:
@@ -86,6 +106,8 @@ class KernelLaunch:
     def run(self) -> None:
         for earlier in self.prelude:
             earlier.run()
+        for name in self.zeroed:
+            self.args[name].zero_()
         self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
                                num_stages=self.num_stages)  # fmt: skip
 

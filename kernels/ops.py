@@ -84,6 +84,7 @@ def selective_scan(
     z: torch.Tensor | None = None,
     group_size: int = 0,
     backend: str = "auto",
+    state_every: int = 0,
 ) -> torch.Tensor:
     """Selective bandpass scan of De-focus Mamba, with the released mixer's epilogue fused on request.
 
@@ -93,8 +94,12 @@ def selective_scan(
 
     Shapes: ``u, delta, z: (batch, length, channels)``, ``A: (channels, state)``,
     ``B, C: (batch, length, state)``, ``freq: (state,)``, ``D: (channels,)`` -> ``(batch, length, channels)``.
-    Differentiable in every tensor argument.
+    Differentiable in every tensor argument. ``state_every``: tokens between the states the Triton
+    backend keeps for the backward (0: its default, 8; more keeps less memory and recomputes more); the
+    other backends ignore it.
     """
+    if state_every < 0:
+        raise ValueError(f"state_every must be >= 0 (0: the backend's default), got {state_every}")
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(
             f"u and delta must be (batch, length, channels), got {tuple(u.shape)}, {tuple(delta.shape)}"
@@ -112,6 +117,8 @@ def selective_scan(
     if chosen == "triton":
         from .selective.triton import selective_scan_triton
 
+        if state_every:
+            kwargs["chunk_size"] = state_every
         return selective_scan_triton(u, delta, A, B, C, **kwargs)
     if chosen == "naive":
         from .selective.naive import selective_scan_naive

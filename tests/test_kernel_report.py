@@ -176,6 +176,76 @@ def test_estimate_prices_rebuild_loops_at_their_steps():
     assert priced["issue_ms"] == pytest.approx((100 * 700 + 10 * 660) / (spec.clock_ghz * 1e6))
 
 
+# a chunk loop (0x10-0x90) around two token loops (0x20-0x40, 0x50-0x70), with instructions of its own
+NESTED_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R5, R2, R5, R6 ;
+        /*0030*/                   STG.E desc[UR4][R8.64], R5 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0060*/                   STG.E desc[UR4][R8.64], R5 ;
+        /*0070*/               @P1 BRA 0x50 ;
+        /*0080*/                   FADD R5, R5, R2 ;
+        /*0090*/               @P2 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_the_loop_around_the_token_loops_is_found_and_priced():
+    """The chunk loop's own instructions (0x10, 0x80, 0x90: 3) are charged ``chunk_steps`` times, each
+    token loop its own count of iterations; a launch that describes another loop nest is refused."""
+    instructions = aot.parse_sass(NESTED_SASS)
+    assert aot.token_loops(instructions) == [(0x20, 0x40), (0x50, 0x70)]
+    assert aot.chunk_loops(instructions) == [(0x10, 0x90)]
+    assert aot.chunk_loops(aot.parse_sass(SASS)) == []
+    chunk = aot._loop_profile(instructions, 0x10, 0x90, [(0x20, 0x40), (0x50, 0x70)])
+    assert chunk["instructions"] == 3
+    spec = aot.ARCHS["sm_90"]
+    loops = [{"instructions": 3, "mufu": 0}, {"instructions": 3, "mufu": 0}]
+    binary = _binary(loops=loops, chunk_loops=[chunk])
+    launch = _launch(132 * 16)
+    launch.work = dataclasses.replace(launch.work, token_steps=(20, 40), chunk_steps=10)
+    priced = aot.estimate(binary, launch)
+    # 4 warps a scheduler: max(4 x 3, 3 + 600) cycles an iteration of each loop
+    assert priced["issue_ms"] == pytest.approx((20 + 40 + 10) * 603 / (spec.clock_ghz * 1e6))
+    # a chunk loop that loads nothing waits for no DRAM: 4 x 3 cycles an iteration
+    quiet = _binary(loops=loops, chunk_loops=[{**chunk, "global_loads": 0, "loads_used_in_iteration": 0}])
+    assert aot.estimate(quiet, launch)["issue_ms"] == pytest.approx(
+        ((20 + 40) * 603 + 10 * 12) / (spec.clock_ghz * 1e6)
+    )
+    launch.notes = {"tokens": 80}
+    assert aot._instructions_per_token(binary, launch) == pytest.approx((20 * 3 + 40 * 3 + 10 * 3) / 80)
+    launch.work = dataclasses.replace(launch.work, token_steps=(20, 40, 60))
+    with pytest.raises(ValueError):
+        aot.estimate(binary, launch)  # three counts for two loops
+
+
+def test_the_report_refuses_a_loop_nest_the_launch_does_not_describe(monkeypatch):
+    """The selective backward at its default chunk runs its groups' loop inside the chunk loop; told
+    that no loop encloses its token loops, the analysis refuses rather than miscount."""
+    import torch
+
+    from defocus_scale.kernels.launch import targeting
+    from defocus_scale.kernels.selective import triton as selective
+
+    act = torch.empty(128, 197, 1536, dtype=torch.bfloat16, device="meta")
+    delta = torch.empty(128, 197, 1536, device="meta")
+    A, D = torch.empty(1536, 16, device="meta"), torch.empty(1536, device="meta")
+    B = torch.empty(128, 197, 16, device="meta")
+    with targeting(90):
+        _, out, boundary = selective.forward_launch(act, delta, A, B, B, D, act, 64, 8, 64, False, True)
+        launch, _ = selective.backward_launch(out, act, delta, A, B, B, D, act, boundary, 64, 8, 64)
+    assert launch.work.chunk_steps == 25 and launch.work.token_steps == (50,)
+    compiled = aot.compile_launch(launch, "sm_90")
+    record = aot.report_record(launch, "sm_90")
+    assert record["chunk_loops"] and record["spill_bytes"] == 0
+    monkeypatch.setattr(aot, "_ANALYSED", {})
+    launch.work = dataclasses.replace(launch.work, chunk_steps=0)
+    with pytest.raises(RuntimeError, match="loop around them"):
+        aot.analyse(compiled, launch, "sm_90")
+
+
 def test_launch_signature_specialises_as_the_jit_does():
     """The report compiles the launcher's own launch: tensors become typed pointers, integers divisible
     by 16 are marked so, an integer equal to 1 becomes a constant unless the kernel says not to."""

@@ -201,6 +201,11 @@ def test_selective_scan_public_dispatch_and_strided_inputs():
     out = selective_scan(**strided, group_size=4, backend="triton")
     expected = selective_scan_naive(**inputs, group_size=4)
     _assert_close(out, expected, FP32_TOL, "output")
+    # the states kept for the backward every 2 tokens instead of the default: the same function
+    kept = selective_scan(**inputs, group_size=4, backend="triton", state_every=2)
+    _assert_close(kept, expected, FP32_TOL, "output, states every 2 tokens")
+    with pytest.raises(ValueError, match="state_every"):
+        selective_scan(**inputs, backend="triton", state_every=-1)
 
 
 @kernels_run_here
@@ -356,6 +361,35 @@ def test_selective_scan_backward_segments_and_groups(monkeypatch, min_programs, 
 
 
 @kernels_run_here
+@pytest.mark.parametrize("splits,chunk,block", [(2, 4, 4), (3, 2, 4), (2, 8, 64)])
+def test_selective_scan_backward_look_back(monkeypatch, splits, chunk, block):
+    """Segments chained by look-back (each takes the carry its right neighbour ended with, the programs
+    taking their work by ticket, every row's last segment first) compute the reference's gradients; at
+    the production tile too (64 channels)."""
+    monkeypatch.setattr(selective_triton, "backward_splits", lambda *args: (splits, True))
+    _compare(
+        lambda **t: selective_scan_triton(**t, group_size=4, chunk_size=chunk, block_channels=block),
+        lambda **t: selective_scan_naive(**t, group_size=4),
+        _scan_inputs(2, 13, 2 * block, 4), torch.float32, FP32_TOL,
+    )  # fmt: skip
+
+
+def test_selective_backward_splits_chain_segments_where_the_last_wave_is_mostly_empty():
+    """On an H100 (132 SMs, 4 programs each: 528 slots), 768 rows (Mamba-B, 577 tokens, batch 32) are
+    1.45 waves: two look-back segments make 1.5 waves of half the work instead of 2; 3072 rows (5.8
+    waves) and 1024 (1.9) gain nothing; fewer rows than a wave never chain (a segment would wait); a grid
+    below ``MIN_PROGRAMS`` splits with the carry pass; no GPU known, no look-back."""
+    splits = selective_triton.backward_splits
+    assert splits(32, 24, 73, 132) == (2, True)
+    assert splits(128, 24, 25, 132) == (1, False)
+    assert splits(32, 32, 73, 132) == (1, False)
+    assert splits(32, 12, 73, 132) == (1, False)
+    assert splits(32, 24, 1, 132) == (1, False)
+    assert splits(32, 24, 73, 0) == (1, False)
+    assert splits(2, 24, 25, 132) == (4, False)
+
+
+@kernels_run_here
 def test_selective_scan_at_a_real_length_unsplit(monkeypatch):
     """197 tokens with the backward unsplit (``test_selective_scan_at_a_real_length`` splits it into its
     7 chunks: one program per sequence is below ``MIN_PROGRAMS``)."""
@@ -435,6 +469,10 @@ def test_selective_backward_grid_fills_the_gpu(channels):
     assert small.programs >= selective_triton.MIN_PROGRAMS and len(small.prelude) == 1
     assert small.prelude[0].grid == small.grid and small.prelude[0].constexprs["CARRY_PASS"]
     assert large.grid[2] == 1 and not large.prelude
+    chained = launch(128, splits=2, lookback=True)
+    assert chained.grid[2] == 2 and not chained.prelude and chained.constexprs["LOOKBACK"]
+    assert chained.zeroed == ("ticket_ptr",)
+    assert chained.args["ticket_ptr"].numel() == 1 + 2 * chained.programs  # counter, flags, tickets
     tuned = launch(2, splits=2, group=2, num_warps=4)
     assert tuned.grid[2] == 2 and tuned.constexprs["GROUP"] == 2 and tuned.num_warps == 4
     with pytest.raises(ValueError, match="group"):
@@ -449,6 +487,7 @@ def test_selective_scan_backward_autotune_space():
         assert candidates[0] == {} and len(candidates) == len({repr(c) for c in candidates})
         assert {"group": 2} in candidates and any("num_warps" in c for c in candidates)
         assert ({"splits": 1} in candidates) == split
+        assert {"splits": 2, "lookback": True} in candidates
 
 
 _COMPILE_CANDIDATES = """
@@ -462,17 +501,20 @@ delta = torch.empty(128, 197, 1536, device="meta")
 A, D = torch.empty(1536, 16, device="meta"), torch.empty(1536, device="meta")
 B = C = torch.empty(128, 197, 16, device="meta")
 with targeting(90):
-    _, out, boundary = selective.forward_launch(act, delta, A, B, C, D, act, 64, 32, 64, False, True)
-    inputs = (out, act, delta, A, B, C, D, act, boundary)
-    for options in selective.backward_candidates(act, 16, 64, 32, 64):
-        launch, _ = selective.backward_launch(*inputs, 64, 32, 64, **options)
-        for part in (*launch.prelude, launch):
-            aot.compile_launch(part, "sm_90")
+    for chunk in (selective.DEFAULT_CHUNK, 32):
+        _, out, boundary = selective.forward_launch(act, delta, A, B, C, D, act, 64, chunk, 64, False, True)
+        inputs = (out, act, delta, A, B, C, D, act, boundary)
+        for options in selective.backward_candidates(act, 16, 64, chunk, 64):
+            launch, _ = selective.backward_launch(*inputs, 64, chunk, 64, **options)
+            for part in (*launch.prelude, launch):
+                # the analysis checks the loop nest the launch describes (else the report miscounts)
+                aot.analyse(aot.compile_launch(part, "sm_90"), part, "sm_90")
 """
 
 
 def test_selective_scan_backward_candidates_compile_for_the_gpu():
-    """Every backward candidate at the production tile (Mamba-B, norm groups of 64) compiles for sm_90
+    """Every backward candidate at the production tile (Mamba-B, norm groups of 64; the default chunk
+    and 32) compiles for sm_90, in the loop nest its launch describes
     (the interpreter runs Python's control flow: a statement after a return inside a compile-time if,
     which Triton's compiler still compiles, passed there and failed on a GPU). In a child process
     without ``TRITON_INTERPRET``, so the interpreted session runs it too (the compiles are cached)."""
@@ -843,6 +885,7 @@ TINY = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=1)
     "name,extra",
     [
         ("defocus_mamba_tiny", dict(inner_dim=64, dt_rank=4, group_size=16)),
+        ("defocus_mamba_tiny", dict(inner_dim=64, dt_rank=4, group_size=16, scan_state_every=4)),
         ("defocus_retnet_tiny", dict(num_heads=2)),
     ],
 )

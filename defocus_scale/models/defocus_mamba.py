@@ -46,6 +46,7 @@ class DefocusMambaMixer(nn.Module):
         dt_max: float = 0.1,
         dt_floor: float = 1e-4,
         backend: str = "auto",
+        scan_state_every: int = 0,
     ) -> None:
         super().__init__()
         if group_size and inner_dim % group_size:
@@ -54,6 +55,9 @@ class DefocusMambaMixer(nn.Module):
         self.group_size, self.rope_scale, self.delta_scale = group_size, rope_scale, delta_scale
         self.dt_min, self.dt_max, self.dt_floor = dt_min, dt_max, dt_floor
         self.backend = backend
+        # tokens between the scan states kept for the backward (Triton backend; 0: its default of 8):
+        # 32 keeps a quarter of the memory for a slower backward
+        self.scan_state_every = scan_state_every
         self.in_proj = nn.Linear(embed_dim, 2 * inner_dim, bias=False)
         self.conv1d = nn.Conv1d(
             inner_dim, inner_dim, conv_kernel, groups=inner_dim, padding=conv_kernel - 1, bias=True
@@ -101,7 +105,7 @@ class DefocusMambaMixer(nn.Module):
             x, delta, A, B, C,
             freq=self.freq, rope_scale=self.rope_scale,
             D=self.D, z=z, group_size=self.group_size,
-            backend=self.backend,
+            backend=self.backend, state_every=self.scan_state_every,
         )  # fmt: skip
         return self.out_proj(y)
 
@@ -139,6 +143,7 @@ class DefocusMamba(TokenClassifier):
         rope_scale: float = 1.0,
         delta_scale: float = 1.0,
         backend: str = "auto",
+        scan_state_every: int = 0,
         **trunk: Any,
     ) -> None:
         inner_dim = inner_dim or 2 * embed_dim
@@ -148,7 +153,7 @@ class DefocusMamba(TokenClassifier):
                 mixer = DefocusMambaMixer(
                     embed_dim, inner_dim, state_size=state_size, dt_rank=dt_rank, conv_kernel=conv_kernel,
                     rotary=rotary, group_size=group_size, rope_scale=rope_scale, delta_scale=delta_scale,
-                    backend=backend,
+                    backend=backend, scan_state_every=scan_state_every,
                 )  # fmt: skip
                 yield DefocusMambaBlock(embed_dim, mixer)
 

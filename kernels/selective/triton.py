@@ -5,10 +5,10 @@ and ``triton_bwd_kernels.py``, with the released mixer's epilogue (group RMS nor
 
 Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 first imported (the Triton interpreter; slow, for tests). Memory kept for backward: the inputs and one
-fp32 state per ``chunk_size`` tokens; everything else is recomputed. ``A`` and ``D`` are handed to the
-kernels in fp32, and ``B``, ``C`` rotated in fp32 by PyTorch (``published_rotary``) before them.
-``forward_launch`` / ``backward_launch`` build the launches; ``benchmarks/kernel_report.py`` compiles
-the very same ones for GPUs this machine does not have.
+fp32 state per ``chunk_size`` tokens (``DEFAULT_CHUNK``); everything else is recomputed. ``A`` and ``D``
+are handed to the kernels in fp32, and ``B``, ``C`` rotated in fp32 by PyTorch (``published_rotary``)
+before them. ``forward_launch`` / ``backward_launch`` build the launches; ``benchmarks/kernel_report.py``
+compiles the very same ones for GPUs this machine does not have.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import torch
 
 from .. import autotune
-from ..launch import KernelLaunch, LaunchWork, target_capability
+from ..launch import KernelLaunch, LaunchWork, target_capability, target_sms
 from ..rotary import published_rotary
 from .naive import mamba_epilogue
 from .triton_bwd_kernels import _selective_scan_bwd_kernel
@@ -122,7 +122,7 @@ def forward_warps(layout: _Layout, programs: int, fill: int) -> int:
 
 
 def forward_candidates(u: torch.Tensor, state: int, group_size: int, chunk_size: int,
-                       block_channels: int) -> list[dict[str, int]]:  # fmt: skip
+                       block_channels: int) -> list[dict[str, int | bool]]:  # fmt: skip
     """The forward's autotune space at ``u``'s shape and device: the shape-chosen default first, then one
     tunable changed at a time (the other warp count, one token a stage, and for a split sequence no split
     or twice the segments). Each computes the same function (tested); ``autotune`` times them on CUDA."""
@@ -133,12 +133,12 @@ def forward_candidates(u: torch.Tensor, state: int, group_size: int, chunk_size:
     segments = forward_segments(batch, layout.num_tiles, num_chunks, fill)
     warps = forward_warps(layout, batch * layout.num_tiles * segments, fill)
     other_warps = layout.fwd_warps if warps != layout.fwd_warps else min(8, 2 * layout.fwd_warps)
-    candidates: list[dict[str, int]] = [{}, {"num_warps": other_warps}]
+    candidates: list[dict[str, int | bool]] = [{}, {"num_warps": other_warps}]
     if chunk_size % 2 == 0:  # the default is two tokens a stage
         candidates.append({"tokens_per_stage": 1})
     if segments > 1:
         candidates += [{"segments": 1}, {"segments": min(num_chunks, 2 * segments)}]
-    unique: list[dict[str, int]] = []
+    unique: list[dict[str, int | bool]] = []
     for candidate in candidates:
         if candidate not in unique and candidate.get("num_warps") != warps:
             unique.append(candidate)
@@ -234,38 +234,70 @@ def forward_launch(
         BLOCK_N=layout.block_n, CHUNK=chunk_size, TOKENS=tokens, STAGES=stages,
     )  # fmt: skip
     steps = -(-min(chunks_per_segment * chunk_size, length) // (tokens * stages))  # token loop iterations
+    chunk_steps = min(chunks_per_segment, num_chunks)  # the chunk loop around it (its boundary stores)
 
     def launch(mode: int, prelude: tuple[KernelLaunch, ...] = ()) -> KernelLaunch:
         return KernelLaunch(
             _selective_scan_fwd_kernel, (batch, layout.num_tiles, segments), args,
             {**constexprs, "MODE": mode}, num_warps=num_warps,
             work=LaunchWork(token_steps=steps, exp=elements * state, bytes_min=bytes_min,
-                            bytes_moved=moved[mode]),
-            notes={"tokens_per_iteration": tokens * stages}, prelude=prelude,
+                            bytes_moved=moved[mode], chunk_steps=chunk_steps),
+            notes={"tokens_per_iteration": tokens * stages, "tokens": steps * tokens * stages},
+            prelude=prelude,
         )  # fmt: skip
 
     return (launch(2, (launch(1),)) if split else launch(0)), out, boundary
 
+
+# Tokens between the states the forward keeps for the backward. At 8 (two groups of 4) the backward
+# recomputes a token 1.5 times, not 2 (at 32), with no scratch: by the kernel report, De-focus Mamba-B's
+# backward at 197 x 128 on an H100 costs 0.66 ms against 0.81 ms at 32, for 4x the kept states (fp32:
+# 315 MB against 88 MB a layer at that shape; u in bf16 is 78 MB). ``chunk_size=32`` trades back.
+DEFAULT_CHUNK = 8
+DEFAULT_BLOCK_CHANNELS = 64
 
 # The backward splits the sequence of small batches until its grid has this many programs: the most SMs
 # of the GPUs the kernels target (B200: 148), so that one choice fills each of them.
 MIN_PROGRAMS = 148
 
 
-def backward_splits(batch: int, num_tiles: int, num_chunks: int) -> int:
-    """Default segments per sequence for the backward: 1 when batch x tiles fills the GPU, else enough
-    (of whole chunks) to reach ``MIN_PROGRAMS`` programs, at most one per chunk."""
-    programs = batch * num_tiles
-    return 1 if programs >= MIN_PROGRAMS else min(num_chunks, -(-MIN_PROGRAMS // programs))
+# Backward programs an SM holds at the production tile (64 channels x 16 states on 2 warps, 255
+# registers a thread: the register file bounds it at 4, on sm_80 and sm_90): the look-back rule counts
+# waves with it.
+BACKWARD_CTAS_PER_SM = 4
+
+
+def backward_splits(batch: int, num_tiles: int, num_chunks: int, sms: int = 0) -> tuple[int, bool]:
+    """Default ``(segments per sequence, look-back)`` for the backward on a GPU of ``sms`` SMs.
+
+    Grids smaller than ``MIN_PROGRAMS``: enough segments (of whole chunks, at most one per chunk) to
+    reach it, run in parallel after a carry pass. Grids of at least a wave whose last wave would be
+    mostly empty (e.g. 768 rows on an H100's 528 slots: 1.45 waves): two segments chained by look-back,
+    each row's last segment among the first programs to start and its first among the last, so that the
+    waves even out (1.5 waves of half the work) and, at a wave of rows or more, no program waits. Else 1.
+    """
+    rows = batch * num_tiles
+    if rows < MIN_PROGRAMS:
+        return min(num_chunks, -(-MIN_PROGRAMS // rows)), False
+    slots = sms * BACKWARD_CTAS_PER_SM
+    if slots and rows >= slots and num_chunks >= 2:
+        whole_waves = -(-rows // slots)
+        half_waves = -(-2 * rows // slots) / 2
+        if half_waves <= whole_waves - 0.25:
+            return 2, True
+    return 1, False
 
 
 def backward_launch(
     dout, u, delta, A, B, C, D, z, boundary, group_size: int, chunk_size: int, block_channels: int,
     splits: int | None = None, group: int | None = None, num_warps: int | None = None,
+    lookback: bool | None = None,
 ) -> tuple[KernelLaunch, dict[str, torch.Tensor | None]]:  # fmt: skip
     """The backward kernel's launch and the tensors it writes (gradients and per-program partials).
 
     Tunables: ``splits`` (segments each sequence is cut into; default :func:`backward_splits`),
+    ``lookback`` (segments chained, each waiting for the carry of the one to its right, instead of a
+    carry pass; default :func:`backward_splits`'s, else off),
     ``group`` (tokens whose states are recomputed into registers at once: 1, 2 or 4 dividing
     ``chunk_size``; default the largest) and ``num_warps`` (they split the state; default one per 512
     state entries of a tile). With ``splits > 1`` the launch's ``prelude`` is the carry pass, a launch of
@@ -275,9 +307,12 @@ def backward_launch(
     state = A.shape[1]
     layout = _Layout(channels, state, group_size, block_channels)
     num_chunks = -(-length // chunk_size)
-    splits = backward_splits(batch, layout.num_tiles, num_chunks) if splits is None else splits
+    if splits is None:
+        splits, default_lookback = backward_splits(batch, layout.num_tiles, num_chunks, target_sms(u.device))
+        lookback = default_lookback if lookback is None else lookback
     chunks_per_split = -(-num_chunks // max(1, min(splits, num_chunks)))
     splits = -(-num_chunks // chunks_per_split)  # no empty segment
+    lookback = bool(lookback) and splits > 1
     group = max(g for g in (1, 2, 4) if chunk_size % g == 0) if group is None else group
     if group not in (1, 2, 4) or chunk_size % group:
         raise ValueError(f"group={group} must be 1, 2 or 4 and divide chunk_size={chunk_size}")
@@ -295,66 +330,89 @@ def backward_launch(
         dC=torch.empty(batch, length, layout.num_tiles, state, **f32),
     )  # fmt: skip
     programs = batch * layout.num_tiles * splits
-    scratch = torch.empty(programs * (chunk_size // group) * tile_states, **f32)
+    groups = chunk_size // group
+    scratch_entries = groups - 2 if groups > 2 else 1  # the middle groups' entering states (see the kernel)
+    scratch = torch.empty(batch * splits * scratch_entries * state * channels, **f32)
     carries = torch.empty(programs * 2 * tile_states if splits > 1 else 1, **f32)
+    # look-back: the programs' start counter, a flag per segment (its carry is written), each program's
+    # ticket
+    tickets = torch.zeros(1 + 2 * programs if lookback else 1, dtype=torch.int32, device=u.device)
     scaled_A = (A * LOG2E).t().contiguous()  # (state, channels), as the forward's
     reads = sum(t.numel() * t.element_size() for t in (dout, u, delta, A, B, C, D, z) if t is not None)
     writes = sum(t.numel() * t.element_size() for t in grads.values() if t is not None)
-    # the boundary states read back, the scratch (the state entering every group of tokens, written
-    # and read once) and the segments' carries (written once, read by the segments to their left)
-    extra = boundary.numel() * 4 + 2 * 4 * batch * num_chunks * (chunk_size // group) * channels * state
-    extra += carries.numel() * 4 * (1 + splits // 2) if splits > 1 else 0
+    # the boundary states read back (twice with more than one group a chunk), the scratch (the state
+    # entering every middle group of a chunk, written and read once) and the segments' carries (written
+    # once, read by the segments to their left)
+    extra = boundary.numel() * 4 * (2 if groups > 1 else 1)
+    extra += 2 * 4 * batch * num_chunks * max(groups - 2, 0) * channels * state
+    if splits > 1:
+        extra += carries.numel() * 4 * (1 if lookback else 1 + splits // 2)
     args = dict(
         u_ptr=u, delta_ptr=delta, A_ptr=scaled_A, B_ptr=B, C_ptr=C, D_ptr=D if D is not None else u,
         z_ptr=z if z is not None else u, dout_ptr=dout, boundary_ptr=boundary, scratch_ptr=scratch,
         carry_ptr=carries, du_ptr=grads["du"], ddelta_ptr=grads["ddelta"],
         dz_ptr=grads["dz"] if z is not None else grads["du"], dA_ptr=grads["dA"],
         dD_ptr=grads["dD"] if D is not None else grads["dA"], dB_ptr=grads["dB"], dC_ptr=grads["dC"],
+        ticket_ptr=tickets,
         length=length, num_chunks=num_chunks, chunks_per_split=chunks_per_split, channel_stride=1,
     )  # fmt: skip
     constexprs = dict(
         channels=channels, HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, CARRY_PASS=False,
+        LOOKBACK=lookback,
         CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, E_HI=layout.block_e // e_lo, E_LO=e_lo,
         BLOCK_N=layout.block_n, CHUNK=chunk_size, GROUP=group, SPLITS=splits, WARPS=num_warps,
         # the schedule for the GPU (see the kernel); an unknown one (the interpreter) gets sm_90's
         TOKEN_BARRIER=capability != 90, FMA_CHAINS=capability < 100,
     )  # fmt: skip
     grid = (batch, layout.num_tiles, splits)
-    token_steps = chunks_per_split * chunk_size // group  # iterations of each loop: a group of tokens each
+    # The loops (see the kernel): with one group a chunk, the chunk loop is the token loop; else the
+    # groups' loop (and, past two groups, the loop recomputing the middle groups' entering states before
+    # it) sits inside the chunk loop, whose own instructions (the first group's recomputation) run once a
+    # chunk
+    if groups == 1:
+        token_steps, chunk_steps = chunks_per_split, 0
+    else:
+        middle = (chunks_per_split * (groups - 2),) if groups > 2 else ()
+        token_steps, chunk_steps = (*middle, chunks_per_split * groups), chunks_per_split
     exp = batch * length * channels * state  # one decay per element (recomputing is the kernel's choice)
     prelude = ()
-    if splits > 1:  # the carry pass; its record in the report carries the op's floor, as the forward's
+    if splits > 1 and not lookback:  # the carry pass; its record carries the op's floor, as the forward's
         prelude = (KernelLaunch(
             _selective_scan_bwd_kernel, grid, args, {**constexprs, "CARRY_PASS": True}, num_warps=num_warps,
             work=LaunchWork(token_steps=token_steps, exp=exp, bytes_min=reads + writes,
-                            bytes_moved=reads + extra),
-            notes={"tokens_per_iteration": group},
+                            bytes_moved=reads + extra, chunk_steps=chunk_steps, token_marker="LDG"),
+            notes={"tokens": chunks_per_split * chunk_size},
         ),)  # fmt: skip
     launch = KernelLaunch(
         _selective_scan_bwd_kernel, grid, args, constexprs, num_warps=num_warps,
         work=LaunchWork(token_steps=token_steps, exp=exp, bytes_min=reads + writes,
-                        bytes_moved=reads + writes + extra),
-        notes={"tokens_per_iteration": group}, prelude=prelude,
+                        bytes_moved=reads + writes + extra, chunk_steps=chunk_steps),
+        notes={"tokens": chunks_per_split * chunk_size, "lookback": lookback},
+        prelude=prelude, zeroed=("ticket_ptr",) if lookback else (),
     )  # fmt: skip
     return launch, grads
 
 
 def backward_candidates(u: torch.Tensor, state: int, group_size: int, chunk_size: int,
-                        block_channels: int) -> list[dict[str, int]]:  # fmt: skip
+                        block_channels: int) -> list[dict[str, int | bool]]:  # fmt: skip
     """The backward's autotune space: the shape-chosen default first, then one tunable changed at a time
     (twice / half the warps, groups of 2 tokens, and for a split sequence no split or twice the
     segments). Each computes the same function (tested); ``autotune`` times them on CUDA."""
     batch, length, channels = u.shape
     layout = _Layout(channels, state, group_size, block_channels)
     num_chunks = -(-length // chunk_size)
-    splits = backward_splits(batch, layout.num_tiles, num_chunks)
+    splits, lookback = backward_splits(batch, layout.num_tiles, num_chunks, target_sms(u.device))
     warps = max(1, min(layout.block_n, layout.block_n * layout.block_e // 512))
-    candidates: list[dict[str, int]] = [{}]
+    candidates: list[dict[str, int | bool]] = [{}]
     candidates += [{"num_warps": w} for w in (warps // 2, warps * 2) if 1 <= w <= layout.block_n]
     if chunk_size % 4 == 0:  # the default groups 4 tokens
         candidates.append({"group": 2})
-    if splits > 1:
+    if splits > 1 and not lookback:
         candidates += [{"splits": 1}, {"splits": min(num_chunks, 2 * splits)}]
+    elif lookback:
+        candidates.append({"splits": 1})
+    if not lookback and num_chunks >= 2:  # two segments chained by look-back
+        candidates.append({"splits": 2, "lookback": True})
     return candidates
 
 
@@ -501,8 +559,8 @@ def selective_scan_triton(
     z: torch.Tensor | None = None,
     group_size: int = 0,
     *,
-    chunk_size: int = 32,
-    block_channels: int = 64,
+    chunk_size: int = DEFAULT_CHUNK,
+    block_channels: int = DEFAULT_BLOCK_CHANNELS,
     segments: int = 0,
 ) -> torch.Tensor:
     """Same contract as ``selective_scan_naive``, on Triton; differentiable in every tensor argument.

@@ -16,22 +16,31 @@ two), each after a chain of FMAs over the thread's states (``_state_dot``).
 
 States in reverse order without storing them all: the forward keeps the state at the end of every
 ``CHUNK`` tokens. The backward walks its segment's chunks last to first. For a chunk it (1) recomputes
-the states token by token and writes the one that enters each group of ``GROUP`` tokens to a small
-per-program scratch, then (2) walks the groups last to first: recomputes the group's ``GROUP`` states into
+the states from the one entering the chunk up to the one entering its last group of ``GROUP`` tokens,
+which stays in registers (the ones entering the middle groups, at more than two groups a chunk, go to a
+small scratch), then (2) walks the groups last to first: recomputes the group's ``GROUP`` states into
 registers (unrolled), then runs the adjoint recurrence ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
-back through them, with the epilogue's backward (group RMS norm, ``D u``, ``silu(z)``) fused. The
-scratch traffic is one state per group, not one per token. In sm_90's schedule the adjoint takes the
-decays the group's recomputation computed (all but its first token's: four held spill) and the state
-before each token from the group's registers (the first token's read back from the scratch), so that
-``d loss / d(delta_t A)`` is the carry ``exp(delta_t A) g_t`` times ``s_{t-1}``: one multiply.
+back through them, with the epilogue's backward (group RMS norm, ``D u``, ``silu(z)``) fused; each
+group's iteration ends with the load of the state entering the group before it (the scratch's, or, for
+the chunk's first group, the chunk's entering state read again). At the default two groups a chunk a
+token is recomputed 1.5 times and nothing round-trips a scratch. In sm_90's schedule the adjoint takes
+the decays the group's recomputation computed (all but its first token's: four held spill) and the state
+before each token from the group's registers, so that ``d loss / d(delta_t A)`` is the carry
+``exp(delta_t A) g_t`` times ``s_{t-1}``: one multiply (a group's first token, whose state before is not
+held, takes ``g_t (s_t - delta_t u_t B_t)``, as every token does in sm_80's schedule).
 
-Small batches split the sequence into segments (``SPLITS`` programs per row and tile). The adjoint is
-linear in the carry that enters a segment from the right: the segment's carry out is
-``L + P * carry_in``, with ``L`` its carry out from a zero carry and ``P = exp(A sum_t delta_t)``. A first
-launch (``CARRY_PASS``) writes every segment's ``L`` and ``P``; the second combines those of the
-segments to its right into its incoming carry and computes the gradients. No atomics: gradients that
-reduce over channels (``B``, ``C``) or over tokens (``A``, ``D``) are per-program partial sums that the
-caller reduces.
+Segments (``SPLITS`` programs per row and tile). The adjoint is linear in the carry that enters a
+segment from the right: the segment's carry out is ``L + P * carry_in``, with ``L`` its carry out from a
+zero carry and ``P = exp(A sum_t delta_t)``. Small batches split the sequence so that the grid fills the
+GPU: a first launch (``CARRY_PASS``) writes every segment's ``L`` and ``P``; the second combines those of
+the segments to its right into its incoming carry and computes the gradients. Large grids whose last
+wave would be mostly empty split in two by look-back (``LOOKBACK``) instead: programs take their work by
+ticket (an atomic counter: the order they start in), every row's last segment first; a segment waits for
+the flag of the one to its right, reads the carry that one ended with, and at its end publishes its own
+(store, barrier, flag with release semantics). No carry pass; each row's segments run one after the
+other, the first ones while other rows' last ones run, which evens out the waves. No atomic sums:
+gradients that reduce over channels (``B``, ``C``) or over tokens (``A``, ``D``) are per-program partial
+sums that the caller reduces, so results do not depend on timing (the counter and flags only order work).
 
 Tokens past the end of the sequence have ``delta = dout = 0`` (their loads read the last token, or, in
 sm_80's low-register schedule, are masked to zeros): a step is then the identity and contributes
@@ -278,11 +287,12 @@ def _adjoint_step(
     carry = decay * g
     if not CARRY_PASS:
         # d loss / d(delta_t A) = g_t exp(delta_t A) s_{t-1}: the carry times the state before (one
-        # multiply), or, in the low-register schedule (no state before held), g_t (s_t - delta_t u_t B_t)
-        if MASKED:
-            grad_log_decay = g * (s - b * delta_u)
-        else:
+        # multiply) where the group's registers hold it, else (a group's first token, and every token of
+        # the low-register schedule) g_t (s_t - delta_t u_t B_t): no state before held or read back
+        if HAS_DECAY:
             grad_log_decay = carry * s_prev
+        else:
+            grad_log_decay = g * (s - b * delta_u)
         # sums over the states: the thread's, then the warps' (both in one exchange)
         grad_x = _state_dot(g, b, FMA_CHAINS)
         grad_decay = _state_dot(grad_log_decay, A, FMA_CHAINS)
@@ -320,16 +330,54 @@ def _adjoint_step(
 
 
 @triton.jit
-def _scratch_entry(scratch, entry, group, local_thread, local_reg, BY_INDEX: tl.constexpr):
-    """The thread's addresses of a group's scratch entry: from the pointer ``entry`` that the loops
-    carry (an offset from a loop's counter widens the counter, and with it every token's index and
-    bound check, to 64 bits), or, ``BY_INDEX`` (the low-register schedule, where the carried pointer
-    spills), from the group's index."""
-    TILE: tl.constexpr = scratch.numel
-    if BY_INDEX:
-        return scratch + group * TILE
-    else:
-        return _per_thread(entry, local_thread, local_reg)
+def _group_backward(
+    entering, t0, grad_carry, dA, dD, A, D, first, length, tile, num_tiles, channels, offs_e, mask_e, offs_n,
+    mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq, C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr,
+    dz_ptr, dB_ptr, dC_ptr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
+    STATE: tl.constexpr, SCATTER: tl.constexpr, WARPS: tl.constexpr, FULL_E: tl.constexpr,
+    FULL_N: tl.constexpr, TOKEN_BARRIER: tl.constexpr, FMA_CHAINS: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """One group of ``GROUP`` tokens from ``t0``, given the state entering it: its states recomputed into
+    registers (unrolled), then the adjoint back through them. Returns the carry and the running ``dA``,
+    ``dD``."""
+    s1, decay1 = _token_step(entering, A, t0, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e, offs_n,
+                             mask_n, channels, STATE, FULL_E, FULL_N, TOKEN_BARRIER)  # fmt: skip
+    s2, s3, s4 = s1, s1, s1
+    decay2, decay3, decay4 = decay1, decay1, decay1
+    if GROUP >= 2:
+        s2, decay2 = _token_step(s1, A, t0 + 1, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                 offs_n, mask_n, channels, STATE, FULL_E, FULL_N, TOKEN_BARRIER)  # fmt: skip
+    if GROUP >= 4:
+        s3, decay3 = _token_step(s2, A, t0 + 2, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                 offs_n, mask_n, channels, STATE, FULL_E, FULL_N, TOKEN_BARRIER)  # fmt: skip
+        s4, decay4 = _token_step(s3, A, t0 + 3, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                 offs_n, mask_n, channels, STATE, FULL_E, FULL_N, TOKEN_BARRIER)  # fmt: skip
+    for back in tl.static_range(GROUP):  # the group's tokens last to first
+        step = GROUP - 1 - back
+        s = s4 if step == 3 else (s3 if step == 2 else (s2 if step == 1 else s1))
+        # the decays of the recomputation, held for the adjoint but the group's first token's (all four
+        # held spill at the production tile; any, in the low-register schedule), and the state before
+        # (the first token's is not held: see _adjoint_step)
+        decay = decay4 if step == 3 else (decay3 if step == 2 else decay2)
+        s_prev = s3 if step == 3 else (s2 if step == 2 else s1)
+        t = t0 + step
+        grad_carry, dA, dD = _adjoint_step(
+            s, s_prev, decay, grad_carry, dA, dD, A, D, first + t,
+            first + (t if TOKEN_BARRIER else tl.minimum(t, length - 1)), t < length, tile, num_tiles,
+            channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq,
+            C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
+            GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS, FULL_E, FULL_N, TOKEN_BARRIER, FMA_CHAINS,
+            (step > 0) & (not TOKEN_BARRIER),
+        )  # fmt: skip
+    return grad_carry, dA, dD
+
+
+@triton.jit
+def _ticket_work(ticket, rows, num_tiles, SPLITS: tl.constexpr):
+    """``(batch index, tile, segment)`` of the program that started ``ticket``-th: every row's last
+    segment first, then every row's one before, and so on (the look-back's order)."""
+    return (ticket % rows) // num_tiles, ticket % num_tiles, SPLITS - 1 - ticket // rows
 
 
 # Addresses: a thread's entries are one register (its lane and warp) and immediates (its registers),
@@ -340,9 +388,10 @@ def _scratch_entry(scratch, entry, group, local_thread, local_reg, BY_INDEX: tl.
 @triton.jit(do_not_specialize=["channel_stride"])
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, boundary_ptr, scratch_ptr, carry_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, dC_ptr, ticket_ptr,
     length, num_chunks, chunks_per_split, channel_stride, channels: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, CARRY_PASS: tl.constexpr,
+    LOOKBACK: tl.constexpr,
     CHANNELS_PER_PROGRAM: tl.constexpr, STATE: tl.constexpr, E_HI: tl.constexpr, E_LO: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr,
     WARPS: tl.constexpr, TOKEN_BARRIER: tl.constexpr, FMA_CHAINS: tl.constexpr,
@@ -356,10 +405,18 @@ def _selective_scan_bwd_kernel(
     # sums over a thread's states as chains (see _state_dot).
     tl.static_assert(CHUNK % GROUP == 0)
     tl.static_assert((GROUP == 1) | (GROUP == 2) | (GROUP == 4))
+    GROUPS: tl.constexpr = CHUNK // GROUP
+    SCRATCH_ENTRIES: tl.constexpr = GROUPS - 2 if GROUPS > 2 else 1  # (one unused at two groups or fewer)
     batch_index = tl.program_id(0)
     tile = tl.program_id(1)
     split = tl.program_id(2)
     num_tiles = tl.num_programs(1)
+    rows = tl.num_programs(0) * num_tiles
+    if LOOKBACK:  # the program's work by the order programs start in: every row's last segment first
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        # (kept in memory, by the program's id: held through the loops, it would spill)
+        tl.store(ticket_ptr + 1 + rows * SPLITS + (batch_index * num_tiles + tile) * SPLITS + split, ticket)
+        batch_index, tile, split = _ticket_work(ticket, rows, num_tiles, SPLITS)
     # the tile as (E_HI, SPW, WARPS, E_LO): state ``w * SPW + i`` of channel ``h * E_LO + l`` at (h, i, w, l).
     # Triton's default layout puts E_LO on the lanes and WARPS on the warps (the fastest dimensions
     # with room), E_HI x SPW in each thread. Per-channel values are (E_HI, 1, WARPS, E_LO) (every
@@ -417,15 +474,18 @@ def _selective_scan_bwd_kernel(
         dB_ptr += sequence * num_tiles * STATE
         dC_ptr += sequence * num_tiles * STATE
     FULL_N: tl.constexpr = STATE == BLOCK_N
-    program = (batch_index * num_tiles + tile) * SPLITS + split
     TILE: tl.constexpr = BLOCK_N * E_HI * E_LO
-    # Private to the program, and laid out so that a thread's entries are contiguous: its addresses are
-    # one register and immediates (a layout coalesced across lanes costs a 64-bit address register pair
-    # per entry, and the loop-invariant ones spill).
+    # The segments' carries: private to the program, and laid out so that a thread's entries are
+    # contiguous: its addresses are one register and immediates.
     local_thread = (w4 * E_LO + l4) * (E_HI * SPW)  # the same for all of a thread's entries
     local_reg = h4 * SPW + i4  # a compile-time constant per register
-    scratch_ptr += program.to(tl.int64) * ((CHUNK // GROUP) * TILE)
-    scratch = _per_thread(scratch_ptr, local_thread, local_reg)
+    # The states entering a chunk's middle groups: laid out as the forward's boundary states, (batch,
+    # splits, entries, state, channels), so that one thread's offsets (per thread, per register) address
+    # either and a pointer select picks the source. Each program reads back only what it wrote.
+    scratch_entry: tl.constexpr = STATE * channels
+    scratch = scratch_ptr + (batch_index * SPLITS + split).to(tl.int64) * (SCRATCH_ENTRIES * scratch_entry)
+    state_thread = (w4 * SPW) * channels + tile * CHANNELS_PER_PROGRAM + l4
+    state_reg = i4 * channels + h4 * E_LO
     first_chunk = split * chunks_per_split
     last_chunk = tl.minimum(first_chunk + chunks_per_split, num_chunks) - 1
     # the segments' carries, (batch, tiles, splits, 2, tile), each tile in the scratch's order: L then P
@@ -434,7 +494,14 @@ def _selective_scan_bwd_kernel(
 
     # exp(delta_{t+1} A) g_{t+1}: zero past the end, else what the segments to the right send
     grad_carry = tl.zeros((E_HI, SPW, WARPS, E_LO), tl.float32)
-    if not CARRY_PASS:
+    flags = ticket_ptr + 1 + (batch_index * num_tiles + tile) * SPLITS
+    if LOOKBACK:  # the carry the segment to the right ended with, once it has (see the module's docstring)
+        if split < SPLITS - 1:
+            done = tl.atomic_add(flags + split + 1, 0, sem="acquire")
+            while done == 0:
+                done = tl.atomic_add(flags + split + 1, 0, sem="acquire")
+            grad_carry = tl.load(carries + (split + 1) * (2 * TILE), cache_modifier=".cg")
+    elif not CARRY_PASS:
         for index in range(SPLITS - 1 - split):  # the segments to the right, last to first
             later = carries + (SPLITS - 1 - index) * (2 * TILE)
             grad_carry = tl.load(later) + tl.load(later + TILE) * grad_carry
@@ -443,69 +510,61 @@ def _selective_scan_bwd_kernel(
     for reverse_chunk in range(last_chunk - first_chunk + 1):
         chunk = last_chunk - reverse_chunk
         start = chunk * CHUNK
-        # 1. the states entering each group of the chunk, recomputed from the one entering the chunk
+        # 1. the states entering the groups, recomputed from the one entering the chunk: the first
+        # group's is that one (read again in step 2), the last group's stays in registers, the others go
+        # to the scratch (at two groups a chunk, the default, there are none)
         boundary = boundary_ptr + (batch_index * num_chunks + tl.maximum(chunk - 1, 0)).to(tl.int64) * (
             STATE * channels
         )
-        # (offsets that depend on the chunk: hoisted out of the loop, they would be held, and spill)
-        s = tl.load(boundary + tl.where(chunk > 0, state_offsets, 0), mask=mask_s & (chunk > 0), other=0.0)
-        tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
-        # (the last group's steps would give the chunk's end state: not needed)
-        entry = scratch_ptr  # (see _scratch_entry)
-        for group in range(CHUNK // GROUP - 1):
-            tl.store(_scratch_entry(scratch, entry, group, local_thread, local_reg, TOKEN_BARRIER), s)
-            entry += TILE
+        # one address register and immediates (see _per_thread): the state's offsets as pointers would
+        # be 16 address pairs held, and spill
+        s = tl.load(_per_thread(boundary, state_thread, state_reg), mask=mask_s & (chunk > 0), other=0.0)
+        if GROUPS > 1:
             for step in tl.static_range(GROUP):
-                s, _ = _token_step(s, A, start + group * GROUP + step, first, length, u_seq, delta_seq,
-                                   B_seq, offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                                   TOKEN_BARRIER)  # fmt: skip
-        tl.store(scratch + (CHUNK // GROUP - 1) * TILE, s)
-        # 2. the groups last to first: their states into registers, then the adjoint through them. (Each
-        # thread reads back the scratch entries it wrote, as long as Triton gives the store and the load
-        # one layout, which it does; the two barriers a chunk make that an optimisation, not a premise.)
-        tl.debug_barrier()
-        for reverse_group in range(CHUNK // GROUP):
-            group = CHUNK // GROUP - 1 - reverse_group
-            t0 = start + group * GROUP
-            at = _scratch_entry(scratch, entry, group, local_thread, local_reg, TOKEN_BARRIER)
-            entry -= TILE
-            s1, decay1 = _token_step(tl.load(at), A, t0, first, length, u_seq, delta_seq, B_seq,
-                                     offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                                     TOKEN_BARRIER)  # fmt: skip
-            s2, s3, s4 = s1, s1, s1
-            decay2, decay3, decay4 = decay1, decay1, decay1
-            if GROUP >= 2:
-                s2, decay2 = _token_step(s1, A, t0 + 1, first, length, u_seq, delta_seq, B_seq, offs_e,
-                                         mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                                         TOKEN_BARRIER)  # fmt: skip
-            if GROUP >= 4:
-                s3, decay3 = _token_step(s2, A, t0 + 2, first, length, u_seq, delta_seq, B_seq, offs_e,
-                                         mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                                         TOKEN_BARRIER)  # fmt: skip
-                s4, decay4 = _token_step(s3, A, t0 + 3, first, length, u_seq, delta_seq, B_seq, offs_e,
-                                         mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
-                                         TOKEN_BARRIER)  # fmt: skip
-            for back in tl.static_range(GROUP):  # the group's tokens last to first
-                step = GROUP - 1 - back
-                s = s4 if step == 3 else (s3 if step == 2 else (s2 if step == 1 else s1))
-                # the decays of the recomputation, held for the adjoint but the group's first token's
-                # (all four held spill at the production tile; any, in the low-register schedule)
-                decay = decay4 if step == 3 else (decay3 if step == 2 else decay2)
-                # the state before: the group's previous one, or the group's first read back again (held
-                # across the group it would cost registers; the carry pass does not need it)
-                s_prev = s3 if step == 3 else (s2 if step == 2 else s1)
-                if (step == 0) & (not CARRY_PASS) & (not TOKEN_BARRIER):
-                    s_prev = tl.load(at)
-                t = t0 + step
-                grad_carry, dA, dD = _adjoint_step(
-                    s, s_prev, decay, grad_carry, dA, dD, A, D, first + t,
-                    first + (t if TOKEN_BARRIER else tl.minimum(t, length - 1)), t < length, tile, num_tiles,
-                    channels, offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq,
-                    C_seq, z_seq, dout_seq, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z,
-                    GROUP_SIZE, CARRY_PASS, STATE, SCATTER, WARPS, EVEN, FULL_N, TOKEN_BARRIER, FMA_CHAINS,
-                    (step > 0) & (not TOKEN_BARRIER),
-                )  # fmt: skip
+                s, _ = _token_step(s, A, start + step, first, length, u_seq, delta_seq, B_seq, offs_e, mask_e,
+                                   offs_n, mask_n, channels, STATE, EVEN, FULL_N, TOKEN_BARRIER)  # fmt: skip
+        if GROUPS > 2:
+            tl.debug_barrier()  # the previous chunk's reads of the scratch are done (see below)
+            for group in range(1, GROUPS - 1):
+                tl.store(_per_thread(scratch + (group - 1) * scratch_entry, state_thread, state_reg), s)
+                for step in tl.static_range(GROUP):
+                    s, _ = _token_step(s, A, start + group * GROUP + step, first, length, u_seq, delta_seq,
+                                       B_seq, offs_e, mask_e, offs_n, mask_n, channels, STATE, EVEN, FULL_N,
+                                       TOKEN_BARRIER)  # fmt: skip
+            # (each thread reads back the scratch entries it wrote, as long as Triton gives the store and
+            # the load one layout, which it does; the two barriers make that an optimisation, not a premise)
+            tl.debug_barrier()
+        # 2. the groups last to first, each from the state entering it, each iteration ending with the
+        # load of the next one's: the scratch's, or the chunk's read again (none after the first group)
+        for reverse_group in range(GROUPS):
+            group = GROUPS - 1 - reverse_group
+            grad_carry, dA, dD = _group_backward(
+                s, start + group * GROUP, grad_carry, dA, dD, A, D, first, length, tile, num_tiles, channels,
+                offs_e, mask_e, offs_n, mask_n, first_warp, first_lane, u_seq, delta_seq, B_seq, C_seq, z_seq,
+                dout_seq, du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, HAS_D, HAS_Z, GROUP_SIZE, CARRY_PASS,
+                STATE, SCATTER, WARPS, EVEN, FULL_N, TOKEN_BARRIER, FMA_CHAINS, GROUP,
+            )  # fmt: skip
+            before = group - 1
+            row = tl.where(before > 0, scratch + (before - 1) * scratch_entry, boundary)
+            wanted = (before > 0) | ((before == 0) & (chunk > 0))
+            s = tl.load(_per_thread(row, state_thread, state_reg), mask=mask_s & wanted, other=0.0)
 
+    if LOOKBACK:  # the carry for the segment to the left, then its flag (after every thread's store)
+        # (the work made anew from the ticket read back, in unsigned arithmetic: the same values, which
+        # the compiler would otherwise keep from the start, held through the loops, and spill)
+        pid = tl.program_id(0).to(tl.uint32) * num_tiles.to(tl.uint32) + tl.program_id(1).to(tl.uint32)
+        slot = ticket_ptr + 1 + rows * SPLITS + pid * SPLITS + tl.program_id(2)
+        unsigned = tl.load(slot, volatile=True).to(tl.uint32)
+        split = SPLITS - 1 - (unsigned // rows.to(tl.uint32)).to(tl.int32)
+        row = (unsigned % rows.to(tl.uint32)).to(tl.int32)
+        batch_index = (row.to(tl.uint32) // num_tiles.to(tl.uint32)).to(tl.int32)
+        tile = (row.to(tl.uint32) % num_tiles.to(tl.uint32)).to(tl.int32)
+        offs_e = (tl.broadcast_to(tile * CHANNELS_PER_PROGRAM + l4, (1, 1, WARPS, E_LO)), h4 * E_LO)
+        if split > 0:
+            row_carries = carry_ptr + row.to(tl.int64) * (SPLITS * 2 * TILE)
+            tl.store(_per_thread(row_carries, local_thread, local_reg) + split * (2 * TILE), grad_carry)
+            tl.debug_barrier()
+            tl.atomic_xchg(ticket_ptr + 1 + row * SPLITS + split, 1, sem="release")
     if CARRY_PASS:  # this segment's carry out from a zero carry, and its decay over the segment
         segment = carries + split * (2 * TILE)
         tl.store(segment, grad_carry)
