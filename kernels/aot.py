@@ -129,15 +129,20 @@ def _loops(instructions: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return [b for b in branches if not any(o[0] < b[0] <= o[1] < b[1] for o in branches)]
 
 
+def _innermost(loops: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Those of ``loops`` that hold none of the others, in address order."""
+
+    def holds(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+        return outer != inner and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+    return sorted(loop for loop in loops if not any(holds(loop, other) for other in loops))
+
+
 def _innermost_with(instructions, loops: list[tuple[int, int]], opcode: str) -> list[tuple[int, int]]:
-    having = [
+    return _innermost([
         loop for loop in loops
         if any(loop[0] <= a <= loop[1] and op.startswith(opcode) for a, op, _ in instructions)
-    ]  # fmt: skip
-    return sorted(
-        loop for loop in having
-        if not any(o != loop and loop[0] <= o[0] and o[1] <= loop[1] for o in having)
-    )  # fmt: skip
+    ])  # fmt: skip
 
 
 def token_loops(instructions: list[tuple[int, str, str]], marker: str = "STG") -> list[tuple[int, int]]:
@@ -152,14 +157,10 @@ def chunk_loops(instructions: list[tuple[int, str, str]], marker: str = "STG") -
     """The loops that enclose token loops, the innermost such (a chunk loop around a group loop)."""
     loops = _loops(instructions)
     tokens = _innermost_with(instructions, loops, marker)
-    enclosing = [
+    return _innermost([
         loop for loop in loops
         if loop not in tokens and any(loop[0] <= t[0] and t[1] <= loop[1] for t in tokens)
-    ]  # fmt: skip
-    return sorted(
-        loop for loop in enclosing
-        if not any(o != loop and loop[0] <= o[0] and o[1] <= loop[1] for o in enclosing)
-    )  # fmt: skip
+    ])  # fmt: skip
 
 
 def rebuild_loops(instructions: list[tuple[int, str, str]], marker: str = "STG") -> list[tuple[int, int]]:

@@ -417,15 +417,17 @@ def test_selective_scan_backward_production_tile(monkeypatch, state, min_program
 
 @kernels_run_here
 @pytest.mark.parametrize("capability", [80, 100])
-@pytest.mark.parametrize("group_size,block,state", [(64, 64, 16), (64, 64, 12), (4, 4, 4)])
-def test_selective_scan_backward_other_schedules(monkeypatch, capability, group_size, block, state):
+@pytest.mark.parametrize(
+    "group_size,block,state,chunk", [(64, 64, 16, 8), (64, 64, 12, 8), (4, 4, 4, 8), (64, 64, 16, 16)]
+)
+def test_selective_scan_backward_other_schedules(monkeypatch, capability, group_size, block, state, chunk):
     """The backward as built for sm_80 and sm_100 (``TOKEN_BARRIER``: a barrier a token, loads masked
     past the end; sm_100 without ``FMA_CHAINS``) also computes the reference's gradients; the
     interpreter otherwise runs sm_90's (loads of the last token past the end, ``delta`` and ``dout``
-    zeroed there): 13 tokens end mid-group."""
+    zeroed there): 13 tokens end mid-group. Chunks of 16: four groups, two of them through the scratch."""
     monkeypatch.setattr(selective_triton, "target_capability", lambda device: capability)
     _compare(
-        lambda **t: selective_scan_triton(**t, group_size=group_size, chunk_size=8, block_channels=block),
+        lambda **t: selective_scan_triton(**t, group_size=group_size, chunk_size=chunk, block_channels=block),
         lambda **t: selective_scan_naive(**t, group_size=group_size),
         _scan_inputs(2, 13, 2 * block, state), torch.float32, FP32_TOL,
     )  # fmt: skip
