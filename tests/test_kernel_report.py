@@ -264,9 +264,15 @@ def test_launch_signature_specialises_as_the_jit_does():
     assert signature["delta_ptr"] == "*fp32" and signature["A_ptr"] == "*fp32"
     assert signature["length"] == "i32" and signature["channel_stride"] == "i32"  # do_not_specialize, = 1
     assert constexprs["GROUP_SIZE"] == 64 and constexprs["STATE"] == 16
-    channels = launch.kernel.arg_names.index("channels")
-    assert attrs[(channels,)] == [["tt.divisibility", 16]]  # 128
-    assert (launch.kernel.arg_names.index("length"),) not in attrs  # 197
+    assert constexprs["channels"] == 128  # a compile-time constant of the kernel's
+    length = launch.kernel.arg_names.index("length")
+    assert (length,) not in attrs  # 197
+    assert constexprs["chunks_per_segment"] == 1  # an integer equal to 1
+    at_256, bc_256 = act.new_empty(2, 256, 128), B.new_empty(2, 256, 16)
+    longer, _, _ = selective.forward_launch(
+        at_256, at_256.float(), A, bc_256, bc_256, D, at_256, 64, 32, 64, False, True
+    )
+    assert longer.signature()[2][(length,)] == [["tt.divisibility", 16]]  # 256
     # 4 programs: the sequence is split (7 segments of one chunk, a local pass first), two warps a group
     assert launch.grid == (2, 2, 7) and launch.num_warps == 2 and len(launch.prelude) == 1
     assert boundary.shape == (2, 7, 16, 128) and out.dtype == torch.bfloat16

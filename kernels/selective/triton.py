@@ -225,11 +225,12 @@ def forward_launch(
         u_ptr=u, delta_ptr=delta, A_ptr=scaled_A, B_ptr=B, C_ptr=C, D_ptr=D if D is not None else u,
         z_ptr=z if z is not None else u, out_ptr=out, boundary_ptr=boundary if store_boundary else out,
         local_ptr=local if split else out, carry_ptr=carry if split else out,
-        delta_sum_ptr=delta_sum if split else out, length=length, channels=channels, num_chunks=num_chunks,
+        delta_sum_ptr=delta_sum if split else out, length=length, num_chunks=num_chunks,
         chunks_per_segment=chunks_per_segment, num_segments=segments, channel_stride=1,
     )  # fmt: skip
     constexprs = dict(
-        HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size, STORE_BOUNDARY=store_boundary,
+        channels=channels, HAS_D=D is not None, HAS_Z=z is not None, GROUP_SIZE=group_size,
+        STORE_BOUNDARY=store_boundary,
         CHANNELS_PER_PROGRAM=layout.channels_per_program, STATE=state, BLOCK_E=layout.block_e,
         BLOCK_N=layout.block_n, CHUNK=chunk_size, TOKENS=tokens, STAGES=stages,
     )  # fmt: skip

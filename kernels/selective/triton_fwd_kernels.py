@@ -140,7 +140,7 @@ def _run_stage(s, A, D, delta_sum, stage, out_ptr, rows, token, MODE: tl.constex
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr, boundary_ptr,
     local_ptr, carry_ptr, delta_sum_ptr,
-    length, channels, num_chunks, chunks_per_segment, num_segments, channel_stride,
+    length, num_chunks, chunks_per_segment, num_segments, channel_stride, channels: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GROUP_SIZE: tl.constexpr, STORE_BOUNDARY: tl.constexpr,
     CHANNELS_PER_PROGRAM: tl.constexpr, STATE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr, TOKENS: tl.constexpr, STAGES: tl.constexpr, MODE: tl.constexpr,
@@ -211,7 +211,11 @@ def _selective_scan_fwd_kernel(
         if STORE_BOUNDARY:
             # offsets from the chunk on (not the loop-invariant ``state_offsets``: 32 registers a thread
             # held through the token loop)
-            at = boundary + (chunk * STATE + offs_n[:, None]) * channels + offs_e[None, :]
+            # the chunk's row, then per thread one register and per element an immediate (``channels``
+            # is a compile-time constant; the boundary, which this kernel lays out, has channel stride
+            # 1), marked not contiguous: a vectorised store would convert the state's layout
+            row = boundary + chunk * (STATE * channels)
+            at = tl.max_contiguous(row + (offs_n[:, None] * channels + channel[None, :]), [1, 1])
             keep = mask_ne & (chunk < num_chunks - 1)
             if MODE == 2:  # the local state (the first pass's) plus the start state's share
                 tl.store(at, tl.load(at, mask=keep, other=0.0) + s, mask=keep)
