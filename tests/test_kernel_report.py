@@ -221,22 +221,29 @@ def test_the_loop_around_the_token_loops_is_found_and_priced():
         aot.estimate(binary, launch)  # three counts for two loops
 
 
-def test_the_look_back_backward_compiles_for_sm90_without_spills():
-    """De-focus Mamba-B at 577 tokens, batch 32 on an H100: 768 rows on 528 slots, so the backward
-    chains two segments by look-back (the production launch); it compiles for sm_90 in the loop nest
-    its launch describes, and spills nothing (the ticket is read back after the loops, not held)."""
+def _mamba_base_backward_for_sm90(length: int, batch: int) -> KernelLaunch:
+    """The selective backward's production launch for De-focus Mamba-B (bf16, the op's default chunk),
+    built on meta tensors as for an H100."""
     import torch
 
     from defocus_scale.kernels.launch import targeting
     from defocus_scale.kernels.selective import triton as selective
 
-    act = torch.empty(32, 577, 1536, dtype=torch.bfloat16, device="meta")
-    delta = torch.empty(32, 577, 1536, device="meta")
+    act = torch.empty(batch, length, 1536, dtype=torch.bfloat16, device="meta")
+    delta = torch.empty(batch, length, 1536, device="meta")
     A, D = torch.empty(1536, 16, device="meta"), torch.empty(1536, device="meta")
-    B = torch.empty(32, 577, 16, device="meta")
+    B = torch.empty(batch, length, 16, device="meta")
+    chunk = selective.DEFAULT_CHUNK
     with targeting(90):
-        _, out, boundary = selective.forward_launch(act, delta, A, B, B, D, act, 64, 8, 64, False, True)
-        launch, _ = selective.backward_launch(out, act, delta, A, B, B, D, act, boundary, 64, 8, 64)
+        _, out, boundary = selective.forward_launch(act, delta, A, B, B, D, act, 64, chunk, 64, False, True)
+        return selective.backward_launch(out, act, delta, A, B, B, D, act, boundary, 64, chunk, 64)[0]
+
+
+def test_the_look_back_backward_compiles_for_sm90_without_spills():
+    """De-focus Mamba-B at 577 tokens, batch 32 on an H100: 768 rows on 528 slots, so the backward
+    chains two segments by look-back (the production launch); it compiles for sm_90 in the loop nest
+    its launch describes, and spills nothing (the ticket is read back after the loops, not held)."""
+    launch = _mamba_base_backward_for_sm90(577, 32)
     assert launch.constexprs["LOOKBACK"] and launch.grid == (32, 24, 2) and not launch.prelude
     record = aot.report_record(launch, "sm_90")
     assert record["spill_bytes"] == 0 and record["launchable"] and record["chunk_loops"]
@@ -245,18 +252,7 @@ def test_the_look_back_backward_compiles_for_sm90_without_spills():
 def test_the_report_refuses_a_loop_nest_the_launch_does_not_describe(monkeypatch):
     """The selective backward at its default chunk runs its groups' loop inside the chunk loop; told
     that no loop encloses its token loops, the analysis refuses rather than miscount."""
-    import torch
-
-    from defocus_scale.kernels.launch import targeting
-    from defocus_scale.kernels.selective import triton as selective
-
-    act = torch.empty(128, 197, 1536, dtype=torch.bfloat16, device="meta")
-    delta = torch.empty(128, 197, 1536, device="meta")
-    A, D = torch.empty(1536, 16, device="meta"), torch.empty(1536, device="meta")
-    B = torch.empty(128, 197, 16, device="meta")
-    with targeting(90):
-        _, out, boundary = selective.forward_launch(act, delta, A, B, B, D, act, 64, 8, 64, False, True)
-        launch, _ = selective.backward_launch(out, act, delta, A, B, B, D, act, boundary, 64, 8, 64)
+    launch = _mamba_base_backward_for_sm90(197, 128)
     assert launch.work.chunk_steps == 25 and launch.work.token_steps == (50,)
     compiled = aot.compile_launch(launch, "sm_90")
     record = aot.report_record(launch, "sm_90")
